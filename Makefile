@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) benchmarks/assignment.py --output_dir $(OUTPUT_DIR)
+	HF_HUB_OFFLINE=1 $(PY) training_scripts/demo.py --output_dir $(OUTPUT_DIR)
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUTPUT_DIR ?= outputs/demo
 
-.PHONY: install demo test benchmark clean
+.PHONY: install demo test benchmark clean space browser-deps
 
 install: $(VENV)/.installed
 
@@ -20,8 +20,20 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) training_scripts/demo.py --output_dir $(OUTPUT_DIR)
 
-test: install
+test: install browser-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The Space (spaces_app/app.py) on http://127.0.0.1:7860, showing the main job's two pipelines.
+space: install
+	$(PY) spaces_app/app.py
+
+# Debian's Chromium, which the Space's browser test drives (installed once, as root or with passwordless sudo).
+browser-deps:
+	@[ "$(SKIP_BROWSER_TESTS)" = 1 ] || command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; \
+	  else echo "browser-deps: chromium is missing and this is no root shell: run 'apt-get install -y chromium' as root" >&2; exit 0; fi; \
+	  echo "browser-deps: installing Debian's chromium (for tests/test_space_app.py) ..."; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 benchmark: install
 	$(PY) benchmarks/assignment.py --output_dir benchmarks/results

@@ -1,0 +1,810 @@
+#!/usr/bin/env python
+"""Vanilla vs immiscible diffusion, side by side: a Gradio app (and Hugging Face Space).
+
+It loads two unconditional pipelines, one trained with the vanilla noise pairing and one with Immiscible
+Diffusion's noise assignment, and samples both from the same seed and the same starting noise, with the
+sampler, number of steps and number of images you choose. It shows each model card's training facts
+(steps, assignment method, quality figures where evaluation added them).
+
+Run it locally with one command (after ``make demo``, which trains the two default models)::
+
+    python spaces_app/app.py                        # or: make space
+    python spaces_app/app.py --vanilla user/ddpm-digits-vanilla --immiscible ./my-run --port 7861
+
+Models are Hub ids or local folders (saved pipelines with ``model_index.json``), chosen by, in order:
+``--vanilla``/``--immiscible``, the environment variables ``VANILLA_MODEL``/``IMMISCIBLE_MODEL``, then
+the defaults: the main job's ``outputs/demo/vanilla`` and ``outputs/demo/immiscible``, or, on a Space
+(``SPACE_ID`` is set), the two ids listed under ``models:`` in this folder's ``README.md``.
+
+Supported pipelines (read from ``model_index.json``'s ``_class_name``), all with a pixel-space ``UNet2DModel``:
+``DDPMPipeline``/``DDIMPipeline`` (samplers DDPM, DDIM, Euler, DPM-Solver), ``ConsistencyModelPipeline``
+(one-step and few-step) and this project's ``FlowMatchingPipeline`` (Euler). The app needs only stock
+diffusers, torch, gradio and huggingface_hub: it runs each sampling loop itself, so both models can start
+from one noise tensor, and it never imports the immiscible-diffusers package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import math
+import os
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import torch
+from diffusers import (
+    CMStochasticIterativeScheduler,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DModel,
+)
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub import ModelCard, hf_hub_download, metadata_load
+from huggingface_hub import errors as hub_errors
+from PIL import Image
+
+logger = logging.getLogger("immiscible_space")
+
+APP_DIR = Path(__file__).resolve().parent
+# The checkout this app sits in (spaces_app/..): relative local paths are also looked up there.
+REPO_ROOT = APP_DIR.parent
+DEMO_DIR = Path("outputs") / "demo"
+DEFAULT_LOCAL_MODELS = {"vanilla": str(DEMO_DIR / "vanilla"), "immiscible": str(DEMO_DIR / "immiscible")}
+ENV_VARS = {"vanilla": "VANILLA_MODEL", "immiscible": "IMMISCIBLE_MODEL"}
+SIDES = ("vanilla", "immiscible")
+
+# Pipeline classes the app samples, by the kind of sampling loop they need.
+PIPELINE_KINDS = {
+    "DDPMPipeline": "diffusion",
+    "DDIMPipeline": "diffusion",
+    "ConsistencyModelPipeline": "consistency",
+    "FlowMatchingPipeline": "flow",
+}
+KIND_NAMES = {"diffusion": "DDPM/DDIM", "consistency": "consistency model", "flow": "flow matching"}
+
+
+@dataclass(frozen=True)
+class Sampler:
+    kind: str  # the pipeline kind it samples
+    scheduler_class: type
+    default_steps: int
+    min_steps: int = 1
+    fixed_steps: int | None = None  # one-step samplers ignore the steps control
+
+
+SAMPLERS = {
+    "DDIM": Sampler("diffusion", DDIMScheduler, default_steps=50),
+    "DPM-Solver": Sampler("diffusion", DPMSolverMultistepScheduler, default_steps=20),
+    "Euler": Sampler("diffusion", EulerDiscreteScheduler, default_steps=50),
+    "DDPM": Sampler("diffusion", DDPMScheduler, default_steps=100),
+    "Consistency one-step": Sampler("consistency", CMStochasticIterativeScheduler, default_steps=1, fixed_steps=1),
+    "Consistency few-step": Sampler("consistency", CMStochasticIterativeScheduler, default_steps=2, min_steps=2),
+    "Flow Euler": Sampler("flow", FlowMatchEulerDiscreteScheduler, default_steps=50),
+}
+DEFAULT_SAMPLER = {"diffusion": "DDIM", "consistency": "Consistency one-step", "flow": "Flow Euler"}
+
+SAMPLER_HINT = (
+    "DDPM/DDIM pipelines: DDIM, DPM-Solver, Euler, DDPM; consistency models: one-step, few-step; "
+    "flow matching: Flow Euler."
+)
+MAX_STEPS = 1000
+MAX_IMAGES = 16
+DEFAULT_IMAGES = 16
+MAX_SEED = 2**32 - 1
+# Work allowed per request, in UNet parameters x pixels per image x images x steps, summed over both models.
+# 1e12 is both 1.1M-parameter digits models (16x16) at 16 images x 100 steps: a few seconds to a minute on a
+# 2-vCPU CPU Space. Larger requests (big models, DDPM's 1000 steps) are capped, with a warning.
+DEFAULT_COMPUTE_BUDGET = 1e12
+# Models above this many UNet parameters are refused before their weights are downloaded.
+DEFAULT_MAX_PARAMETERS = 200_000_000
+MODEL_CACHE_SIZE = 4
+DISPLAY_MIN_SIDE = 128  # small images are enlarged (nearest neighbour) so their pixels stay visible
+
+
+class SpaceError(Exception):
+    """A problem to show the user as is (bad input, a model that does not load)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: where they come from, what they are, what their cards say
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    source: str
+    kind: str
+    pipeline_class: str
+    unet: UNet2DModel
+    scheduler_config: dict[str, Any]
+    card: dict[str, Any] = field(default_factory=dict)  # the card's YAML metadata, {} without a card
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.unet.parameters())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, height, width)
+
+    @property
+    def cost_per_image_step(self) -> float:
+        return float(self.num_parameters * self.image_shape[1] * self.image_shape[2])
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether a source that is not an existing folder was meant as one (rather than a Hub id)."""
+    return source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or source.endswith("/")
+
+
+def resolve_local_folder(source: str) -> Path | None:
+    """The existing folder ``source`` names: as given, then relative to the repository root; else None."""
+    for candidate in (Path(source).expanduser(), REPO_ROOT / source):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _missing_folder_message(source: str) -> str:
+    message = f"Local folder `{source}` not found."
+    if Path(source).parts[:2] == DEMO_DIR.parts:
+        message += " Run `make demo` first: it trains the two default models into `outputs/demo/`."
+    return (
+        message + " Or give a Hub id or another folder (flags `--vanilla`/`--immiscible`, "
+        "env `VANILLA_MODEL`/`IMMISCIBLE_MODEL`)."
+    )
+
+
+def _hub_error_message(source: str, error: Exception) -> str:
+    # LocalEntryNotFoundError (offline, nothing cached) is also an EntryNotFoundError: test it first.
+    if isinstance(error, hub_errors.LocalEntryNotFoundError):
+        return (
+            f"Could not reach the Hub to load `{source}` (no connection, or `HF_HUB_OFFLINE=1`), "
+            "and it is not in the local cache."
+        )
+    if isinstance(error, hub_errors.HFValidationError):
+        return f"`{source}` is neither a local folder nor a valid Hub model id (expected `owner/name`)."
+    if isinstance(error, hub_errors.RepositoryNotFoundError):  # also gated repositories
+        return f"Hub model `{source}` not found (or private/gated: set `HF_TOKEN`). Check the id."
+    if isinstance(error, hub_errors.EntryNotFoundError):
+        return (
+            f"Hub repository `{source}` lacks a file diffusers needs ({error}): it is not a saved diffusers pipeline."
+        )
+    return f"Could not load `{source}` from the Hub: {type(error).__name__}: {error}"
+
+
+class _Files:
+    """Reads the files of a pipeline, from a local folder or a Hub repository."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.folder = resolve_local_folder(source)
+        if self.folder is None and _looks_like_path(source):
+            raise SpaceError(_missing_folder_message(source))
+
+    def path(self, filename: str, required: bool = True) -> Path | None:
+        if self.folder is not None:
+            path = self.folder / filename
+            if path.is_file():
+                return path
+            if required:
+                raise SpaceError(f"`{self.source}` has no `{filename}`: it is not a saved diffusers pipeline.")
+            return None
+        try:
+            return Path(hf_hub_download(self.source, filename))
+        except hub_errors.EntryNotFoundError as error:  # the file is not there (or not cached, offline)
+            if required:
+                raise SpaceError(_hub_error_message(self.source, error)) from error
+            return None
+        except Exception as error:  # noqa: BLE001 - every Hub failure becomes a message
+            raise SpaceError(_hub_error_message(self.source, error)) from error
+
+    def json(self, filename: str) -> dict[str, Any]:
+        path = self.path(filename)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise SpaceError(f"`{self.source}`: cannot read `{filename}` ({error}).") from error
+
+
+def load_model(source: str, max_parameters: int = DEFAULT_MAX_PARAMETERS) -> LoadedModel:
+    """Load the UNet, scheduler config and card metadata of a saved pipeline (Hub id or local folder).
+
+    Raises ``SpaceError`` with a message for the user when it cannot: a missing folder, an unknown Hub id,
+    an unsupported pipeline class, a model above ``max_parameters`` (checked before downloading weights).
+    """
+    source = (source or "").strip()
+    if not source:
+        raise SpaceError("No model given: enter a Hub id or a local folder.")
+    files = _Files(source)
+    index = files.json("model_index.json")
+    pipeline_class = index.get("_class_name")
+    kind = PIPELINE_KINDS.get(pipeline_class)
+    if kind is None:
+        raise SpaceError(
+            f"`{source}` is a `{pipeline_class}`; this app samples unconditional pixel-space pipelines: "
+            f"{', '.join(PIPELINE_KINDS)}."
+        )
+    if list(index.get("unet") or [None, None])[1] != "UNet2DModel":
+        raise SpaceError(f"`{source}`: expected a `UNet2DModel` as `unet`, model_index.json says {index.get('unet')}.")
+    scheduler_config = files.json("scheduler/scheduler_config.json")
+    unet_config = files.json("unet/config.json")
+    if unet_config.get("in_channels") not in (1, 3):
+        raise SpaceError(
+            f"`{source}`: the UNet has {unet_config.get('in_channels')} input channels; only grayscale (1) or "
+            "RGB (3) pixel models are supported (latent models need a VAE)."
+        )
+    # Count parameters on the meta device: no memory, no weights downloaded yet.
+    try:
+        with torch.device("meta"):
+            num_parameters = sum(p.numel() for p in UNet2DModel.from_config(unet_config).parameters())
+    except Exception as error:  # noqa: BLE001
+        raise SpaceError(f"`{source}`: invalid UNet config ({type(error).__name__}: {error}).") from error
+    if num_parameters > max_parameters:
+        raise SpaceError(
+            f"`{source}` is too large for this Space: {num_parameters:,} UNet parameters "
+            f"(limit {max_parameters:,}, `--max_parameters`)."
+        )
+    try:
+        if files.folder is not None:
+            unet = UNet2DModel.from_pretrained(files.folder, subfolder="unet")
+        else:
+            unet = UNet2DModel.from_pretrained(source, subfolder="unet")
+    except Exception as error:  # noqa: BLE001
+        detail = _hub_error_message(source, error) if files.folder is None else f"{type(error).__name__}: {error}"
+        raise SpaceError(f"`{source}`: the UNet weights do not load. {detail}") from error
+    unet.eval().requires_grad_(False)
+    return LoadedModel(source, kind, pipeline_class, unet, scheduler_config, card=_card_metadata(files))
+
+
+def _card_metadata(files: _Files) -> dict[str, Any]:
+    try:
+        path = files.path("README.md", required=False)
+        return ModelCard.load(path).data.to_dict() if path is not None else {}
+    except Exception:  # noqa: BLE001 - a broken card only loses the training facts
+        logger.warning("could not read the model card of %s:\n%s", files.source, traceback.format_exc())
+        return {}
+
+
+class ModelCache:
+    """The last few loaded models, shared by all sessions (loading from the Hub is slow)."""
+
+    def __init__(self, size: int = MODEL_CACHE_SIZE, max_parameters: int = DEFAULT_MAX_PARAMETERS):
+        self.size = size
+        self.max_parameters = max_parameters
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, source: str, reload: bool = False) -> LoadedModel:
+        source = (source or "").strip()
+        with self._lock:
+            if not reload and source in self._models:
+                self._models.move_to_end(source)
+                return self._models[source]
+            model = load_model(source, self.max_parameters)
+            self._models[source] = model
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+            return model
+
+
+def card_facts_markdown(model: LoadedModel) -> str:
+    """The training facts of a model's card (steps, assignment, data, quality figures) as Markdown."""
+    channels, height, width = model.image_shape
+    lines = [
+        f"`{model.source}`: {model.pipeline_class}, {model.num_parameters / 1e6:.2f}M parameters, "
+        f"{width}x{height} {'grayscale' if channels == 1 else 'RGB'}"
+    ]
+    facts = model.card.get("immiscible_diffusers")
+    if not isinstance(facts, dict):
+        lines.append("\n*The model card has no `immiscible_diffusers` training facts.*")
+        return "\n".join(lines)
+    method = facts.get("assignment")
+    if method == "knn":
+        method = f"knn (k = {facts.get('knn_k')})"
+    rows = [
+        ("assignment", method if method != "none" else "none (vanilla pairing)"),
+        ("training steps", facts.get("global_step")),
+        ("batch size", facts.get("train_batch_size")),
+        ("dataset", facts.get("dataset")),
+        ("resolution", facts.get("resolution")),
+        ("prediction type", facts.get("prediction_type")),
+        ("seed", facts.get("seed")),
+        ("script", facts.get("script")),
+    ]
+    lines += ["", "| training | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows if value is not None]
+    metrics = facts.get("metrics")
+    if isinstance(metrics, dict) and metrics:
+        lines += ["", "| quality | value |", "|---|---|"]
+        for name, value in metrics.items():
+            if isinstance(value, dict):
+                detail = ", ".join(
+                    f"{label} {value[key]}"
+                    for key, label in (
+                        ("step", "step"),
+                        ("sampler", "sampler"),
+                        ("num_inference_steps", "steps"),
+                        ("num_samples", "samples"),
+                    )
+                    if value.get(key) is not None
+                )
+                lines.append(f"| {name} | **{value.get('value')}** ({detail}) |")
+            else:
+                lines.append(f"| {name} | **{value}** |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling: one noise tensor, each model's own scheduler loop
+# --------------------------------------------------------------------------------------------------
+
+
+def initial_noise(seed: int, num_images: int, image_shape: tuple[int, int, int]) -> torch.Tensor:
+    """The starting noise, drawn once from ``seed`` (on the CPU, so it is the same on every machine)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((num_images, *image_shape), generator=generator)
+
+
+def make_scheduler(model: LoadedModel, sampler_name: str):
+    """The sampler's scheduler, configured from the pipeline's saved scheduler config."""
+    config = {key: value for key, value in model.scheduler_config.items() if key != "_use_default_values"}
+    return SAMPLERS[sampler_name].scheduler_class.from_config(config)
+
+
+@torch.no_grad()
+def sample_model(
+    model: LoadedModel,
+    sampler_name: str,
+    num_steps: int,
+    noise: torch.Tensor,
+    seed: int,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Denoise ``noise`` with the model and sampler; return images in ``[0, 1]``, ``(N, C, H, W)`` on the CPU.
+
+    Stochastic samplers draw their per-step noise from a generator seeded with ``seed``, so two models
+    sampled with the same seed also get the same per-step noise.
+    """
+    scheduler = make_scheduler(model, sampler_name)
+    scheduler.set_timesteps(num_steps)
+    device, dtype = model.unet.device, model.unet.dtype
+    generator = torch.Generator("cpu").manual_seed(seed)
+    # Schedulers that work in sigma space (Euler, consistency models) start from noise scaled to sigma_max.
+    sample = noise.to(device=device, dtype=dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
+    num_classes = model.unet.config.num_class_embeds
+    class_labels = (torch.arange(len(noise)) % num_classes).to(device) if num_classes else None
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    timesteps = scheduler.timesteps
+    for index, t in enumerate(timesteps):
+        model_input = scheduler.scale_model_input(sample, t) if hasattr(scheduler, "scale_model_input") else sample
+        output = model.unet(model_input, t.to(device), class_labels=class_labels).sample
+        sample = scheduler.step(output, t, sample, **step_kwargs).prev_sample
+        if on_step is not None:
+            on_step(index + 1, len(timesteps))
+    return (sample.float().cpu() / 2 + 0.5).clamp(0, 1)
+
+
+def to_display_images(images: torch.Tensor, captions: list[str]) -> list[tuple[Image.Image, str]]:
+    """PIL images for the gallery, small ones enlarged with nearest-neighbour so each pixel stays a square."""
+    array = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    gallery = []
+    for pixels, caption in zip(array, captions, strict=True):
+        image = (
+            Image.fromarray(pixels[..., 0], mode="L") if pixels.shape[-1] == 1 else Image.fromarray(pixels, mode="RGB")
+        )
+        scale = math.ceil(DISPLAY_MIN_SIDE / min(image.size))
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        gallery.append((image, caption))
+    return gallery
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests: checking the controls, capping the work
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_int(value: Any, name: str, low: int, high: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SpaceError(f"{name} must be a whole number between {low} and {high}, got {value!r}.") from None
+    if not number.is_integer() or not low <= number <= high:
+        raise SpaceError(f"{name} must be a whole number between {low} and {high}, got {value!r}.")
+    return int(number)
+
+
+def check_request(sampler_name: Any, steps: Any, seed: Any, num_images: Any) -> tuple[str, int, int, int]:
+    """Validate the controls; return ``(sampler_name, steps, seed, num_images)`` or raise ``SpaceError``."""
+    if sampler_name not in SAMPLERS:
+        raise SpaceError(f"Unknown sampler {sampler_name!r}; choose one of {', '.join(SAMPLERS)}.")
+    sampler = SAMPLERS[sampler_name]
+    steps = sampler.fixed_steps or _as_int(steps, f"Steps for {sampler_name}", sampler.min_steps, MAX_STEPS)
+    seed = _as_int(seed, "Seed", 0, MAX_SEED)
+    num_images = _as_int(num_images, "Number of images", 1, MAX_IMAGES)
+    return sampler_name, steps, seed, num_images
+
+
+def check_model_sampler(model: LoadedModel, sampler_name: str, steps: int) -> None:
+    sampler = SAMPLERS[sampler_name]
+    if sampler.kind != model.kind:
+        choices = [name for name, s in SAMPLERS.items() if s.kind == model.kind]
+        raise SpaceError(
+            f"`{model.source}` is a {KIND_NAMES[model.kind]} ({model.pipeline_class}); sample it with "
+            f"{' or '.join(choices)}, not {sampler_name}."
+        )
+    num_train_timesteps = model.scheduler_config.get("num_train_timesteps")
+    if num_train_timesteps and steps > num_train_timesteps and model.kind != "flow":
+        raise SpaceError(
+            f"`{model.source}` was trained with {num_train_timesteps} timesteps: use at most that many steps."
+        )
+
+
+def cap_request(models: list[LoadedModel], steps: int, num_images: int, budget: float) -> tuple[int, int, str]:
+    """Fewer images (then fewer steps) when the request exceeds the compute budget; returns a note if capped."""
+    cost = sum(model.cost_per_image_step for model in models)
+    if cost * num_images * steps <= budget:
+        return steps, num_images, ""
+    capped_images = max(1, int(budget // (cost * steps)))
+    capped_steps = steps if cost * capped_images * steps <= budget else max(1, int(budget // cost))
+    largest = max(models, key=lambda m: m.cost_per_image_step)
+    channels, height, width = largest.image_shape
+    note = (
+        f"Request capped to {capped_images} image{'s' * (capped_images > 1)} x {capped_steps} steps "
+        f"(asked: {num_images} x {steps}) to keep this CPU Space responsive: the largest model, `{largest.source}`, "
+        f"has {largest.num_parameters / 1e6:.1f}M parameters at {channels}x{height}x{width} "
+        f"(compute budget {budget:.2g}, `--compute_budget`)."
+    )
+    return capped_steps, capped_images, note
+
+
+# --------------------------------------------------------------------------------------------------
+# The UI
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AppConfig:
+    vanilla: str
+    immiscible: str
+    compute_budget: float = DEFAULT_COMPUTE_BUDGET
+    max_parameters: int = DEFAULT_MAX_PARAMETERS
+    max_queue: int = 16
+
+
+INTRO = """\
+# Immiscible Diffusion: vanilla vs immiscible, side by side
+
+Diffusion training pairs each image with random Gaussian noise. [Immiscible Diffusion](https://arxiv.org/abs/2406.12303)
+first *assigns* the batch's noise to its images (a linear assignment minimising the total image-noise
+distance; or, [KNN](https://arxiv.org/abs/2505.18521), the nearest of k candidates) and trains on that pairing.
+Sampling works as usual. Both models below start from **the same noise** (drawn from the seed), and stochastic
+samplers give both the same per-step noise, so the differences come from the training alone.
+"""
+
+
+def _gallery(label: str, elem_id: str) -> gr.Gallery:
+    return gr.Gallery(
+        label=label,
+        columns=4,
+        height="fit-content",  # "auto" would keep Gradio's 450 px minimum, mostly empty for a few small images
+        format="png",
+        object_fit="contain",
+        buttons=["download", "download_all", "fullscreen"],
+        interactive=False,
+        elem_id=elem_id,
+    )
+
+
+def build_demo(config: AppConfig) -> gr.Blocks:
+    """The Gradio app; launch it with ``.launch()`` (the queue is already set up)."""
+    cache = ModelCache(max_parameters=config.max_parameters)
+
+    def load_side(source: str, reload: bool = False) -> tuple[LoadedModel | None, str]:
+        try:
+            model = cache.get(source, reload=reload)
+        except SpaceError as error:
+            return None, str(error)
+        except Exception as error:  # noqa: BLE001 - the app must not crash on any model
+            logger.error("loading %s failed:\n%s", source, traceback.format_exc())
+            return None, f"`{source}` does not load: {type(error).__name__}: {error}"
+        return model, ""
+
+    def on_page_load(vanilla_source: str, immiscible_source: str, current_sampler: str):
+        """A new visitor: show the (cached) models' training facts."""
+        return show_models(vanilla_source, immiscible_source, current_sampler, reload=False)
+
+    def on_load_click(vanilla_source: str, immiscible_source: str, current_sampler: str):
+        """The Load button: (re)load both models from their folders or the Hub."""
+        return show_models(vanilla_source, immiscible_source, current_sampler, reload=True)
+
+    def show_models(vanilla_source: str, immiscible_source: str, current_sampler: str, reload: bool):
+        """Load both models; show their training facts and set the sampler to one that fits them."""
+        facts, problems, kinds = [], [], []
+        for side, source in zip(SIDES, (vanilla_source, immiscible_source), strict=True):
+            model, error = load_side(source, reload=reload)
+            if model is None:
+                facts.append(f"**Not loaded.** {error}")
+                problems.append(f"**{side.capitalize()} model:** {error}")
+                continue
+            facts.append(card_facts_markdown(model))
+            kinds.append(model.kind)
+        if problems:
+            gr.Warning(" ".join(p.replace("**", "").replace("`", "") for p in problems))
+            status = "\n\n".join(problems)
+        else:
+            status = "Both models loaded. Choose a sampler and press **Generate**."
+        # The choices stay the same (an API client may send any of them); the hint and the value follow the models.
+        fitting = [name for name, s in SAMPLERS.items() if s.kind in kinds] or list(SAMPLERS)
+        sampler = (
+            current_sampler
+            if current_sampler in fitting
+            else DEFAULT_SAMPLER.get(kinds[0] if kinds else "", fitting[0])
+        )
+        hint = f"For these models: {', '.join(fitting)}." if kinds else SAMPLER_HINT
+        steps_update = gr.update(interactive=SAMPLERS[sampler].fixed_steps is None)
+        if sampler != current_sampler:
+            steps_update = gr.update(
+                value=SAMPLERS[sampler].default_steps, interactive=SAMPLERS[sampler].fixed_steps is None
+            )
+        return facts[0], facts[1], status, gr.update(value=sampler, info=hint), steps_update
+
+    def on_sampler_change(sampler_name: str):
+        sampler = SAMPLERS.get(sampler_name)
+        if sampler is None:
+            return gr.update()
+        return gr.update(value=sampler.default_steps, interactive=sampler.fixed_steps is None)
+
+    def on_generate(
+        vanilla_source: str,
+        immiscible_source: str,
+        sampler_name: str,
+        steps: float,
+        seed: float,
+        num_images: float,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio injects its progress tracker
+    ):
+        """Sample both models from the same seed and noise; return both galleries, timings and a status line."""
+        try:
+            return _generate(vanilla_source, immiscible_source, sampler_name, steps, seed, num_images, progress)
+        except SpaceError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as error:  # noqa: BLE001 - report, never crash
+            logger.error("generation failed:\n%s", traceback.format_exc())
+            raise gr.Error(f"Sampling failed: {type(error).__name__}: {error}", print_exception=False) from None
+
+    def _generate(vanilla_source, immiscible_source, sampler_name, steps, seed, num_images, progress):
+        sampler_name, steps, seed, num_images = check_request(sampler_name, steps, seed, num_images)
+        progress(0, desc="Loading models")
+        models, errors = {}, {}
+        for side, source in zip(SIDES, (vanilla_source, immiscible_source), strict=True):
+            model, error = load_side(source)
+            if model is not None:
+                try:
+                    check_model_sampler(model, sampler_name, steps)
+                except SpaceError as mismatch:
+                    model, error = None, str(mismatch)
+            if model is None:
+                errors[side] = error
+            else:
+                models[side] = model
+        if not models:
+            raise SpaceError(" ".join(f"{side.capitalize()} model: {error}" for side, error in errors.items()))
+
+        steps, num_images, cap_note = cap_request(list(models.values()), steps, num_images, config.compute_budget)
+        if cap_note:
+            gr.Warning(cap_note)
+        shapes = {model.image_shape for model in models.values()}
+        noises = {shape: initial_noise(seed, num_images, shape) for shape in shapes}
+        total = steps * len(models)
+        outputs, notes = {}, []
+        for done_before, (side, model) in enumerate(models.items()):
+
+            def on_step(step: int, num: int, side: str = side, offset: int = done_before * steps) -> None:
+                progress((offset + step, total), desc=f"{side.capitalize()}: step {step}/{num}", unit="steps")
+
+            started = time.perf_counter()
+            images = sample_model(model, sampler_name, steps, noises[model.image_shape], seed, on_step)
+            seconds = time.perf_counter() - started
+            captions = [f"seed {seed} · #{i}" for i in range(num_images)]
+            outputs[side] = (to_display_images(images, captions), seconds)
+        for side, error in errors.items():
+            gr.Warning(f"{side.capitalize()} model: {error}".replace("`", ""))
+            notes.append(f"**{side.capitalize()} model:** {error}")
+
+        timing = {}
+        for side in SIDES:
+            if side in outputs:
+                seconds = outputs[side][1]
+                timing[side] = (
+                    f"**{seconds:.2f} s** for {num_images} image{'s' * (num_images > 1)}, {sampler_name}, "
+                    f"{steps} step{'s' * (steps > 1)} ({1000 * seconds / steps:.0f} ms per step)"
+                )
+            else:
+                timing[side] = f"**Not sampled.** {errors[side]}"
+        if len(models) == 1:
+            status = [f"Seed {seed}: only the {next(iter(models))} model sampled."]
+        elif len(shapes) == 1:
+            status = [f"Seed {seed}: both models sampled from the same starting noise."]
+        else:
+            status = [f"Seed {seed}: both models sampled from noise of the same seed (their image shapes differ)."]
+        if cap_note:
+            status.append(f"**Capped:** {cap_note}")
+        status += notes
+        return (
+            outputs.get("vanilla", ([], 0))[0],
+            timing["vanilla"],
+            outputs.get("immiscible", ([], 0))[0],
+            timing["immiscible"],
+            "\n\n".join(status),
+        )
+
+    with gr.Blocks(title="Immiscible Diffusion: vanilla vs immiscible") as demo:
+        gr.Markdown(INTRO)
+        with gr.Accordion("Models (Hub ids or local folders)", open=False):
+            with gr.Row():
+                vanilla_box = gr.Textbox(config.vanilla, label="Vanilla model", elem_id="vanilla-model")
+                immiscible_box = gr.Textbox(config.immiscible, label="Immiscible model", elem_id="immiscible-model")
+            load_button = gr.Button("Load models", elem_id="load-button")
+        with gr.Row():
+            with gr.Column(scale=3):
+                sampler_radio = gr.Radio(
+                    list(SAMPLERS), value="DDIM", label="Sampler", info=SAMPLER_HINT, elem_id="sampler"
+                )
+            with gr.Column(scale=2):
+                steps_slider = gr.Slider(
+                    1, MAX_STEPS, value=SAMPLERS["DDIM"].default_steps, step=1, label="Steps", elem_id="steps"
+                )
+        with gr.Row():
+            seed_box = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+            images_slider = gr.Slider(
+                1, MAX_IMAGES, value=DEFAULT_IMAGES, step=1, label="Number of images", elem_id="num-images"
+            )
+            generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button", scale=1)
+        status_md = gr.Markdown(elem_id="status")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("## Vanilla (random noise pairing)")
+                vanilla_gallery = _gallery("Vanilla", "vanilla-gallery")
+                vanilla_time = gr.Markdown(elem_id="vanilla-time")
+                vanilla_facts = gr.Markdown(elem_id="vanilla-facts")
+            with gr.Column():
+                gr.Markdown("## Immiscible (assigned noise)")
+                immiscible_gallery = _gallery("Immiscible", "immiscible-gallery")
+                immiscible_time = gr.Markdown(elem_id="immiscible-time")
+                immiscible_facts = gr.Markdown(elem_id="immiscible-facts")
+
+        load_outputs = [vanilla_facts, immiscible_facts, status_md, sampler_radio, steps_slider]
+        load_inputs = [vanilla_box, immiscible_box, sampler_radio]
+        demo.load(on_page_load, load_inputs, load_outputs, api_visibility="private")
+        load_button.click(on_load_click, load_inputs, load_outputs, api_name="load_models")
+        sampler_radio.input(on_sampler_change, sampler_radio, steps_slider, api_visibility="private")
+        generate_button.click(
+            on_generate,
+            [vanilla_box, immiscible_box, sampler_radio, steps_slider, seed_box, images_slider],
+            [vanilla_gallery, vanilla_time, immiscible_gallery, immiscible_time, status_md],
+            api_name="generate",
+        )
+    # Sampling is CPU-bound: one request at a time, the others wait in a bounded queue.
+    demo.queue(max_size=config.max_queue, default_concurrency_limit=1)
+    return demo
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def space_models(readme: Path = APP_DIR / "README.md") -> list[str]:
+    """The model ids under ``models:`` in the Space's README front matter (vanilla first, then immiscible)."""
+    try:
+        return list(metadata_load(readme).get("models") or []) if readme.is_file() else []
+    except Exception:  # noqa: BLE001 - a broken README only loses the defaults
+        return []
+
+
+def default_model(side: str, flag_value: str | None) -> str:
+    """The model for one side: the flag, else its environment variable, else the Space's or the main job's."""
+    if flag_value:
+        return flag_value
+    if os.environ.get(ENV_VARS[side]):
+        return os.environ[ENV_VARS[side]]
+    listed = space_models()
+    if os.environ.get("SPACE_ID") and len(listed) == len(SIDES):
+        return listed[SIDES.index(side)]
+    return DEFAULT_LOCAL_MODELS[side]
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its CPU affinity, lowered by a cgroup v2 CPU quota (Spaces run in containers,
+    where torch's default thread count can be the host's core count: oversubscribed threads slow sampling down)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--vanilla", help=f"Hub id or folder (default: ${ENV_VARS['vanilla']} or {DEFAULT_LOCAL_MODELS['vanilla']})."
+    )
+    parser.add_argument(
+        "--immiscible",
+        help=f"Hub id or folder (default: ${ENV_VARS['immiscible']} or {DEFAULT_LOCAL_MODELS['immiscible']}).",
+    )
+    parser.add_argument(
+        "--host", default=None, help="Address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)."
+    )
+    parser.add_argument("--port", type=int, default=None, help="Port (default: $GRADIO_SERVER_PORT or 7860).")
+    parser.add_argument(
+        "--max_queue", type=int, default=int(os.environ.get("MAX_QUEUE", 16)), help="Requests waiting at most."
+    )
+    parser.add_argument(
+        "--compute_budget", type=float, default=float(os.environ.get("COMPUTE_BUDGET", DEFAULT_COMPUTE_BUDGET)),
+        help="Work per request (UNet parameters x pixels x images x steps, both models); larger requests are capped.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max_parameters", type=int, default=int(os.environ.get("MAX_PARAMETERS", DEFAULT_MAX_PARAMETERS)),
+        help="Refuse models with more UNet parameters than this.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=int(os.environ.get("TORCH_NUM_THREADS", 0)) or None,
+        help="torch CPU threads (default: torch's default, at most the CPUs this container may use).",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    for name in ("max_queue", "compute_budget", "max_parameters"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)  # ours only: httpx would log every request at INFO
+    # from_config across scheduler classes logs every config key the other class does not use.
+    diffusers_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads or min(torch.get_num_threads(), available_cpus()))
+    config = AppConfig(
+        vanilla=default_model("vanilla", args.vanilla),
+        immiscible=default_model("immiscible", args.immiscible),
+        compute_budget=args.compute_budget,
+        max_parameters=args.max_parameters,
+        max_queue=args.max_queue,
+    )
+    logger.info(
+        "vanilla model: %s; immiscible model: %s; %d torch threads",
+        config.vanilla,
+        config.immiscible,
+        torch.get_num_threads(),
+    )
+    build_demo(config).launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,505 @@
+"""The Gradio Space (spaces_app/): sampling, the API, the error paths, and a real headless Chromium.
+
+Tiny pipelines (8x8 grayscale UNets with random weights) are built from configs and saved with model
+cards; the app is started with its own command line (``python spaces_app/app.py --vanilla ... --port``)
+on 127.0.0.1 and driven through its API with ``gradio_client`` and through the page with playwright
+and Debian's ``chromium`` (``make browser-deps`` installs it; ``SKIP_BROWSER_TESTS=1`` skips those tests).
+Screenshots land in ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    CMStochasticIterativeScheduler,
+    ConsistencyModelPipeline,
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DModel,
+)
+from PIL import Image
+
+from immiscible_diffusers.flow_matching import FlowMatchingPipeline, save_flow_matching_pipeline
+from immiscible_diffusers.model_card import write_model_card
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE_DIR = REPO / "spaces_app"
+APP_FILE = SPACE_DIR / "app.py"
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+# Work the test server allows per request: both tiny models at 4 images x 20 steps (see test_request_is_capped).
+BUDGET_IMAGE_STEPS = 4 * 20
+
+
+def _load_app():
+    spec = importlib.util.spec_from_file_location("space_app", APP_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+space = _load_app()
+torch.set_num_threads(1)  # tiny models; the app under test runs in its own process
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny pipelines
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_unet(seed: int) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()  # fmt: skip
+
+
+def card_metadata(assignment: str, **extra) -> dict:
+    return {
+        "script": "train_unconditional.py", "assignment": assignment, "knn_k": 4, "assignment_distance": "l2",
+        "assignment_dtype": "float32", "assignment_scope": "global", "prediction_type": "epsilon",
+        "train_batch_size": 8, "resolution": 8, "global_step": 30, "seed": 0, "dataset": "sklearn-digits", **extra,
+    }  # fmt: skip
+
+
+def save_card(folder: Path, assignment: str, **extra) -> None:
+    write_model_card(
+        folder, title=f"tiny {assignment}", metadata=card_metadata(assignment, **extra),
+        pipeline_tag="unconditional-image-generation", usage_code="pipeline = DDPMPipeline.from_pretrained('x')",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("space_models")
+    folders = {name: root / name for name in ("vanilla", "immiscible", "cm_a", "cm_b", "flow", "unsupported", "empty")}
+    DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
+        folders["vanilla"]
+    )
+    save_card(folders["vanilla"], "none")
+    DDPMPipeline(unet=tiny_unet(1), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
+        folders["immiscible"]
+    )
+    metrics = {
+        "digits_fd": {"value": 12.3456, "step": 30, "sampler": "ddim", "num_inference_steps": 50, "num_samples": 256}
+    }
+    save_card(folders["immiscible"], "linear", metrics=metrics)
+    for name, seed in (("cm_a", 2), ("cm_b", 3)):  # no cards: the app must do without
+        ConsistencyModelPipeline(
+            unet=tiny_unet(seed), scheduler=CMStochasticIterativeScheduler(num_train_timesteps=40)
+        ).save_pretrained(folders[name])
+    save_flow_matching_pipeline(
+        FlowMatchingPipeline(unet=tiny_unet(4), scheduler=FlowMatchEulerDiscreteScheduler()), folders["flow"]
+    )
+    folders["unsupported"].mkdir()
+    (folders["unsupported"] / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    folders["empty"].mkdir()
+    return folders
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    """The app, started as a user starts it (its command line), on 127.0.0.1; yields its URL."""
+    num_parameters = sum(p.numel() for p in tiny_unet(0).parameters())
+    budget = 2 * num_parameters * 8 * 8 * BUDGET_IMAGE_STEPS
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("space_log") / "app.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1")
+    env.pop("SPACE_ID", None)
+    command = [
+        sys.executable, str(APP_FILE), "--vanilla", str(models["vanilla"]), "--immiscible", str(models["immiscible"]),
+        "--host", "127.0.0.1", "--port", str(port), "--compute_budget", str(budget), "--max_queue", "4",
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(
+                f"the app did not start (exit code {process.poll()}); its log:\n{log_path.read_text()[-4000:]}"
+            )
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def gallery_arrays(gallery) -> list[np.ndarray]:
+    return [np.asarray(Image.open(item["image"])) for item in gallery]
+
+
+def generate(client, vanilla, immiscible, sampler="DDIM", steps=5, seed=0, num_images=3):
+    return client.predict(str(vanilla), str(immiscible), sampler, steps, seed, num_images, api_name="/generate")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling, in process
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sampling_loops_match_the_stock_pipelines(models):
+    """Our loops (run so that both models share one noise tensor) give what the stock pipelines give."""
+    seed, num_images = 5, 2
+    ddpm = space.load_model(str(models["vanilla"]))
+    noise = space.initial_noise(seed, num_images, ddpm.image_shape)
+    ours = space.sample_model(ddpm, "DDIM", 6, noise, seed)
+    stock = DDIMPipeline(unet=ddpm.unet, scheduler=DDIMScheduler.from_config(ddpm.scheduler_config))(
+        batch_size=num_images, generator=torch.Generator().manual_seed(seed), num_inference_steps=6, output_type="np"
+    ).images
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), stock, atol=1e-5)
+
+    # The stock ConsistencyModelPipeline takes `latents` for RGB models only: compare on an RGB UNet.
+    scheduler = CMStochasticIterativeScheduler(num_train_timesteps=40)
+    rgb_unet = UNet2DModel(**{**tiny_unet(2).config, "in_channels": 3, "out_channels": 3})
+    cm = space.LoadedModel("rgb", "consistency", "ConsistencyModelPipeline", rgb_unet.eval(), dict(scheduler.config))
+    rgb_noise = space.initial_noise(seed, num_images, cm.image_shape)
+    ours = space.sample_model(cm, "Consistency few-step", 3, rgb_noise, seed)  # stochastic: same step noise
+    stock = ConsistencyModelPipeline(unet=rgb_unet, scheduler=scheduler)(
+        batch_size=num_images, latents=rgb_noise, generator=torch.Generator().manual_seed(seed), num_inference_steps=3,
+        output_type="np",
+    ).images  # fmt: skip
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), stock, atol=1e-5)
+
+    flow = space.load_model(str(models["flow"]))
+    assert flow.kind == "flow" and flow.pipeline_class == "FlowMatchingPipeline"
+    ours = space.sample_model(flow, "Flow Euler", 4, noise, seed)
+    pipeline = FlowMatchingPipeline(
+        unet=flow.unet, scheduler=FlowMatchEulerDiscreteScheduler.from_config(flow.scheduler_config)
+    )
+    stock = pipeline(
+        batch_size=num_images, generator=torch.Generator().manual_seed(seed), num_inference_steps=4, output_type="np"
+    ).images
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), stock, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["DDPM", "Euler", "DPM-Solver"])
+def test_other_diffusion_samplers_denoise(models, sampler):
+    model = space.load_model(str(models["vanilla"]))
+    noise = space.initial_noise(0, 2, model.image_shape)
+    for steps in (1, 3):
+        images = space.sample_model(model, sampler, steps, noise, 0)
+        assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+        assert 0 <= images.min() and images.max() <= 1
+
+
+def test_loading_refuses_what_it_cannot_sample(models):
+    with pytest.raises(space.SpaceError, match=r"too large for this Space: [\d,]+ UNet parameters \(limit 1,000,"):
+        space.load_model(str(models["vanilla"]), max_parameters=1000)
+    with pytest.raises(space.SpaceError, match="StableDiffusionPipeline.*unconditional pixel-space"):
+        space.load_model(str(models["unsupported"]))
+    with pytest.raises(space.SpaceError, match="no `model_index.json`"):
+        space.load_model(str(models["empty"]))
+    with pytest.raises(space.SpaceError, match="not found. Run `make demo` first"):
+        space.load_model("outputs/demo/no-such-run")
+    with pytest.raises(space.SpaceError, match="No model given"):
+        space.load_model("  ")
+
+
+def test_request_checks_and_cap(models):
+    assert space.check_request("DDIM", 50.0, 3, 16) == ("DDIM", 50, 3, 16)
+    assert space.check_request("Consistency one-step", 999, 0, 1)[1] == 1  # one-step ignores the steps control
+    for args, message in [
+        (("DDIM", 0, 0, 4), "Steps for DDIM must be a whole number between 1 and 1000, got 0"),
+        (("DDIM", 2.5, 0, 4), "Steps .* got 2.5"),
+        (("Consistency few-step", 1, 0, 4), "between 2 and 1000"),
+        (("DDIM", 10, -1, 4), "Seed must be"),
+        (("DDIM", 10, 0, 17), "Number of images must be a whole number between 1 and 16, got 17"),
+        (("DDIM", "ten", 0, 4), "got 'ten'"),
+        (("Heun", 10, 0, 4), "Unknown sampler 'Heun'"),
+    ]:
+        with pytest.raises(space.SpaceError, match=message):
+            space.check_request(*args)
+    model = space.load_model(str(models["vanilla"]))
+    cost = model.cost_per_image_step
+    assert space.cap_request([model], 10, 4, budget=cost * 40) == (10, 4, "")
+    steps, num_images, note = space.cap_request([model, model], 10, 16, budget=cost * 2 * 40)
+    assert (steps, num_images) == (10, 4) and "capped to 4 images x 10 steps (asked: 16 x 10)" in note
+    steps, num_images, note = space.cap_request([model], 1000, 16, budget=cost * 50)
+    assert (steps, num_images) == (50, 1) and "1 image x 50 steps" in note
+
+
+def test_default_models(monkeypatch, tmp_path):
+    for variable in ("VANILLA_MODEL", "IMMISCIBLE_MODEL", "SPACE_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    assert space.default_model("vanilla", None) == "outputs/demo/vanilla"  # the main job's output
+    assert space.default_model("immiscible", None) == "outputs/demo/immiscible"
+    monkeypatch.setenv("SPACE_ID", "someone/space")  # on a Space: the README's models
+    listed = space.space_models()
+    assert len(listed) == 2 and space.default_model("immiscible", None) == listed[1]
+    monkeypatch.setenv("IMMISCIBLE_MODEL", "me/my-model")
+    assert space.default_model("immiscible", None) == "me/my-model"
+    assert space.default_model("immiscible", "./run") == "./run"  # the flag wins
+    for flags in (["--max_queue", "0"], ["--threads", "0"], ["--compute_budget", "-1"]):
+        with pytest.raises(SystemExit):
+            space.parse_args(flags)
+    assert 1 <= space.available_cpus() <= (os.cpu_count() or 1)
+
+
+def test_card_facts(models):
+    facts = space.card_facts_markdown(space.load_model(str(models["immiscible"])))
+    assert "| assignment | linear |" in facts and "| training steps | 30 |" in facts
+    assert "| digits_fd | **12.3456** (step 30, sampler ddim, steps 50, samples 256) |" in facts
+    facts = space.card_facts_markdown(space.load_model(str(models["cm_a"])))
+    assert "ConsistencyModelPipeline" in facts and "no `immiscible_diffusers` training facts" in facts
+
+
+# --------------------------------------------------------------------------------------------------
+# The Space folder
+# --------------------------------------------------------------------------------------------------
+
+
+def test_space_folder_is_pushable_as_is():
+    import gradio
+    from huggingface_hub import metadata_load
+    from packaging.requirements import Requirement
+
+    meta = metadata_load(SPACE_DIR / "README.md")
+    assert meta["sdk"] == "gradio" and (SPACE_DIR / meta["app_file"]).is_file()
+    assert meta["sdk_version"] == gradio.__version__, "sdk_version should be the gradio version the app is tested with"
+    assert meta["license"] == "apache-2.0" and "immiscible-diffusion" in meta["tags"] and len(meta["models"]) == 2
+    # Every requirement is installed here at a version it allows (what the tests ran with).
+    requirements = [
+        Requirement(line) for line in (SPACE_DIR / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "-"))
+    ]  # fmt: skip
+    for requirement in requirements:
+        assert requirement.specifier.contains(importlib.metadata.version(requirement.name), prereleases=True), (
+            requirement
+        )
+    # The app imports only the standard library, gradio and its requirements (not immiscible_diffusers).
+    provided = {"gradio", "torch", "diffusers", "huggingface_hub", "PIL"}
+    assert {r.name.lower().replace("-", "_") for r in requirements} >= {
+        "torch",
+        "diffusers",
+        "huggingface_hub",
+        "pillow",
+    }
+    imported = set()
+    for node in ast.walk(ast.parse(APP_FILE.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert imported - provided <= set(sys.stdlib_module_names), imported - provided - set(sys.stdlib_module_names)
+
+
+# --------------------------------------------------------------------------------------------------
+# The running app, through its API
+# --------------------------------------------------------------------------------------------------
+
+
+def test_api_load_models_shows_training_facts(client, models):
+    vanilla_facts, immiscible_facts, status, sampler, steps = client.predict(
+        str(models["vanilla"]), str(models["immiscible"]), "DDIM", api_name="/load_models"
+    )
+    assert "none (vanilla pairing)" in vanilla_facts and "| assignment | linear |" in immiscible_facts
+    assert "**12.3456**" in immiscible_facts and "Both models loaded" in status
+    assert sampler["value"] == "DDIM" and sampler["info"] == "For these models: DDIM, DPM-Solver, Euler, DDPM."
+
+
+def test_api_generates_both_side_by_side(client, models):
+    vanilla, vanilla_time, immiscible, immiscible_time, status = generate(
+        client, models["vanilla"], models["immiscible"]
+    )
+    assert len(vanilla) == len(immiscible) == 3
+    for image in gallery_arrays(vanilla) + gallery_arrays(immiscible):
+        assert image.shape == (128, 128)  # 8x8 shown enlarged 16x, nearest neighbour
+        assert len(np.unique(image[::16, ::16])) > 1
+    for timing in (vanilla_time, immiscible_time):
+        assert re.search(r"\*\*\d+\.\d\d s\*\* for 3 images, DDIM, 5 steps \(\d+ ms per step\)", timing), timing
+    assert "Seed 0: both models sampled from the same starting noise." in status
+    assert not np.array_equal(gallery_arrays(vanilla)[0], gallery_arrays(immiscible)[0])  # different weights
+
+
+def test_api_same_seed_same_noise(client, models):
+    """One model on both sides, with the stochastic DDPM sampler: identical images, so both sides got the same
+    starting noise and the same per-step noise; the seed changes them."""
+    first = generate(client, models["vanilla"], models["vanilla"], sampler="DDPM", steps=10, seed=7, num_images=2)
+    assert all(np.array_equal(a, b) for a, b in zip(gallery_arrays(first[0]), gallery_arrays(first[2]), strict=True))
+    again = generate(client, models["vanilla"], models["vanilla"], sampler="DDPM", steps=10, seed=7, num_images=2)
+    assert all(np.array_equal(a, b) for a, b in zip(gallery_arrays(first[0]), gallery_arrays(again[0]), strict=True))
+    other = generate(client, models["vanilla"], models["vanilla"], sampler="DDPM", steps=10, seed=8, num_images=2)
+    assert not np.array_equal(gallery_arrays(first[0])[0], gallery_arrays(other[0])[0])
+
+
+@pytest.mark.parametrize(
+    "pair, sampler, steps",
+    [(("vanilla", "immiscible"), "Euler", 3), (("vanilla", "immiscible"), "DPM-Solver", 3),
+     (("cm_a", "cm_b"), "Consistency one-step", 1), (("cm_a", "cm_b"), "Consistency few-step", 3),
+     (("flow", "flow"), "Flow Euler", 3)],
+)  # fmt: skip
+def test_api_samplers(client, models, pair, sampler, steps):
+    vanilla, vanilla_time, immiscible, _, _ = generate(client, models[pair[0]], models[pair[1]], sampler, steps, 1, 2)
+    assert len(vanilla) == len(immiscible) == 2 and f"{sampler}, {steps} step" in vanilla_time
+
+
+def test_api_load_offers_the_samplers_of_the_models(client, models):
+    *_, status, sampler, steps = client.predict(
+        str(models["cm_a"]), str(models["cm_b"]), "DDIM", api_name="/load_models"
+    )
+    assert "Both models loaded" in status
+    assert sampler["info"] == "For these models: Consistency one-step, Consistency few-step."
+    assert sampler["value"] == "Consistency one-step" and steps["value"] == 1 and steps["interactive"] is False
+
+
+def test_api_request_is_capped(client, models):
+    vanilla, _, immiscible, _, status = generate(client, models["vanilla"], models["immiscible"], "DDIM", 20, 0, 16)
+    assert len(vanilla) == len(immiscible) == 4
+    assert "**Capped:** Request capped to 4 images x 20 steps (asked: 16 x 20)" in status
+
+
+def test_api_error_paths(client, models):
+    from gradio_client.exceptions import AppError
+
+    good = str(models["vanilla"])
+    # Bad controls: an error message, no images. Gradio checks the sliders' and the seed's ranges itself.
+    for sampler, steps, seed, num_images, message in [
+        ("DDIM", 0, 0, 2, "Value 0 is less than minimum value 1."),
+        ("DDIM", 5000, 0, 2, "Value 5000 is greater than maximum value 1000."),
+        ("DDIM", 5, 0, 40, "Value 40 is greater than maximum value 16."),
+        ("DDIM", 5, -3, 2, "Value -3 is less than minimum value 0."),
+        ("DDIM", 2.5, 0, 2, "Steps for DDIM must be a whole number between 1 and 1000, got 2.5."),
+        ("Consistency few-step", 1, 0, 2, "Steps for Consistency few-step must be a whole number between 2 and 1000"),
+        ("DDIM", 200, 0, 2, "was trained with 100 timesteps: use at most that many steps."),
+    ]:
+        with pytest.raises(AppError, match=re.escape(message)):
+            generate(client, good, good, sampler, steps, seed, num_images)
+    with pytest.raises(AppError, match="sample it with Consistency one-step or Consistency few-step, not DDIM"):
+        generate(client, models["cm_a"], models["cm_b"], "DDIM", 5, 0, 2)
+    # Both models missing: an error; one missing: the other is still sampled, with the reason shown.
+    with pytest.raises(AppError, match="Local folder `outputs/demo/missing-run` not found. Run `make demo` first"):
+        generate(client, "outputs/demo/missing-run", "/no/such/folder")
+    vanilla, vanilla_time, immiscible, immiscible_time, status = generate(client, "/no/such/folder", good)
+    assert vanilla == [] and len(immiscible) == 3
+    assert "Not sampled." in vanilla_time and "`/no/such/folder` not found" in status
+    assert "Seed 0: only the immiscible model sampled." in status
+    # Loading: a Hub id while offline, an unsupported pipeline, a folder that holds no pipeline.
+    vanilla_facts, immiscible_facts, status, *_ = client.predict(
+        "someone/not-a-model", str(models["unsupported"]), "DDIM", api_name="/load_models"
+    )
+    assert "Could not reach the Hub to load `someone/not-a-model`" in vanilla_facts
+    assert "StableDiffusionPipeline" in immiscible_facts and "Vanilla model" in status and "Immiscible model" in status
+    facts, *_ = client.predict(str(models["empty"]), good, "DDIM", api_name="/load_models")
+    assert "has no `model_index.json`" in facts
+    # ... and the app still works.
+    vanilla, *_ = generate(client, good, good, "DDIM", 2, 0, 1)
+    assert len(vanilla) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The running app, in a real headless Chromium
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if os.environ.get("SKIP_BROWSER_TESTS") == "1":
+        pytest.skip("SKIP_BROWSER_TESTS=1")
+    if shutil.which("chromium") is None or not os.path.exists(CHROMIUM):
+        pytest.fail(
+            f"Debian's chromium is not installed at {CHROMIUM}: run `make browser-deps` (or set SKIP_BROWSER_TESTS=1)"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.mark.browser
+def test_browser_generate_and_errors(browser, server, models):
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    try:
+        page.goto(server)
+        expect(page.locator("#status")).to_contain_text("Both models loaded", timeout=60_000)
+        expect(page.locator("#immiscible-facts")).to_contain_text("12.3456")
+
+        expect(page.locator("#steps input[type=number]")).to_have_value("50")  # DDIM's default
+        page.locator("#sampler").get_by_label("DPM-Solver", exact=True).check()
+        # Choosing a sampler sets the steps to its default (a server round trip): wait for it before typing.
+        expect(page.locator("#steps input[type=number]")).to_have_value("20")
+        page.locator("#steps input[type=number]").fill("4")
+        page.locator("#steps input[type=number]").press("Enter")
+        page.locator("#seed input").fill("11")
+        page.locator("#seed input").press("Enter")
+        page.locator("#num-images input[type=number]").fill("4")
+        page.locator("#num-images input[type=number]").press("Enter")
+        page.locator("#generate-button").click()
+        for side in ("vanilla", "immiscible"):
+            expect(page.locator(f"#{side}-gallery .thumbnail-item img")).to_have_count(4, timeout=60_000)
+            expect(page.locator(f"#{side}-time")).to_contain_text("for 4 images, DPM-Solver, 4 steps")
+        expect(page.locator("#status")).to_contain_text("Seed 11: both models sampled from the same starting noise.")
+        for image in page.locator("#vanilla-gallery .thumbnail-item img").all():
+            assert image.evaluate("img => img.complete && img.naturalWidth") == 128
+        page.screenshot(path=str(ARTIFACTS / "space_app.png"), full_page=True)
+
+        # A missing folder: a clear message on the page, and the page keeps working.
+        page.get_by_text("Models (Hub ids or local folders)").click()
+        page.locator("#vanilla-model textarea").fill("outputs/demo/missing-run")
+        page.locator("#load-button").click()
+        expect(page.locator("#status")).to_contain_text(
+            "Run make demo first", timeout=30_000
+        )  # Markdown renders the backticks as code
+        expect(page.locator("#vanilla-facts")).to_contain_text("Not loaded.")
+        page.locator("#generate-button").click()
+        expect(page.locator("#vanilla-time")).to_contain_text("Not sampled.", timeout=60_000)
+        expect(page.locator("#immiscible-gallery .thumbnail-item img")).to_have_count(4)
+        page.screenshot(path=str(ARTIFACTS / "space_app_missing_model.png"), full_page=True)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "space_app_failure.png"), full_page=True)
+        raise
+    finally:
+        page.close()

@@ -3,19 +3,22 @@
 The scripts in ``training_scripts/`` read top to bottom like diffusers' examples; what every one of them
 needs in the same form lives here, so that the output folder follows one convention (see the README):
 
-- ``add_assignment_args`` / ``assignment_kwargs`` / ``assignment_generator``: the ``--assignment*`` flags
-  and what ``assign_noise`` needs from them;
+- ``add_assignment_args`` / ``assignment_kwargs`` / ``assignment_generator`` / ``reseed_assignment_generator``:
+  the ``--assignment*`` flags and what ``assign_noise`` needs from them;
 - ``StepAccumulator`` and ``TrainLog``: one row per optimizer step in ``train_log.csv`` (loss, learning
   rate, assignment statistics, fingerprints of the batch and of the random draws) and the same values
   in the accelerate trackers (tensorboard);
 - ``save_checkpoint`` / ``resolve_resume_checkpoint``: accelerate state written to a temporary folder and
   renamed into place, so a kill never leaves a half-written ``checkpoint-<step>``;
+- ``rng_preserved`` and ``ema_weights_swapped_in``: side work (checkpoints, samples) that leaves the
+  training's random stream where it was, so a resumed run draws exactly what an uninterrupted one would;
 - ``save_training_config``, ``save_sample_grid``, and checks that turn bad input into clear errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -23,7 +26,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +163,33 @@ def assignment_generator(
     return generator
 
 
+def reseed_assignment_generator(
+    generator: torch.Generator, seed: int, process_index: int, step: int, micro_step: int = 0
+) -> torch.Generator:
+    """Seed ``generator`` (in place) from ``(seed, process_index, step, micro_step)`` alone; return it.
+
+    Called before each micro-batch, it makes the KNN candidates a function of where the run is, not of
+    what was drawn before: a run resumed from a checkpoint draws exactly what an uninterrupted one would,
+    on every process, with no generator state to save (accelerate saves registered objects from the main
+    process only, so a saved state would give every process the main one's). ``micro_step`` counts the
+    micro-batches of one optimizer step (gradient accumulation).
+    """
+    for name, value in (("process_index", process_index), ("step", step), ("micro_step", micro_step)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    key = f"immiscible-assignment:{seed}:{process_index}:{step}:{micro_step}".encode()
+    # A hash, not a sum: nearby (process, step) pairs must not share seeds, nor meet the global stream's seed.
+    generator.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+    return generator
+
+
 class CheckpointableGenerator:
-    """Wraps a ``torch.Generator`` so that ``accelerator.register_for_checkpointing`` saves and restores it."""
+    """Wraps a ``torch.Generator`` so that ``accelerator.register_for_checkpointing`` saves and restores it.
+
+    accelerate writes registered objects from the main process only, so with several processes every
+    process resumes with the main process's state. Where each process needs its own stream after a
+    resume, reseed the generator every step with ``reseed_assignment_generator`` instead.
+    """
 
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator
@@ -315,6 +343,40 @@ def relative_reduction(before: float, after: float) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def rng_preserved(device: str | torch.device | None = None) -> contextlib.AbstractContextManager:
+    """A context after which torch's global random state (the CPU's, and ``device``'s) is as it was before.
+
+    Wrap work that is no part of the training's random stream (checkpoints, sample grids, building a
+    model to save): an uninterrupted run then draws the same numbers as one resumed from a checkpoint,
+    which restarts from the random state saved in it.
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type in ("cpu", "meta"):
+        return torch.random.fork_rng(devices=[])
+    index = device.index
+    if index is None:
+        device_module = torch.get_device_module(device.type)
+        index = device_module.current_device() if hasattr(device_module, "current_device") else 0
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
+@contextlib.contextmanager
+def ema_weights_swapped_in(ema_model, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside the block ``model`` holds the EMA weights of ``ema_model`` (a diffusers ``EMAModel``); on leaving,
+    its training weights come back bit for bit.
+
+    Saving or sampling the EMA weights this way builds no second model, whose random initialisation would
+    draw from torch's global generator and so shift the training's random stream.
+    """
+    parameters = list(model.parameters())
+    ema_model.store(parameters)
+    ema_model.copy_to(parameters)
+    try:
+        yield model
+    finally:
+        ema_model.restore(parameters)
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints in ``output_dir`` as ``(step, path)``, oldest first."""
     output_dir = Path(output_dir)
@@ -395,18 +457,23 @@ def save_checkpoint(
     process's RNG state) and whatever ``save_models(folder)`` writes on the main process (``unet/``,
     ``unet_ema/`` with ``save_pretrained``) go to a temporary folder that is renamed into place once
     complete; only then are checkpoints beyond ``total_limit`` pruned (oldest first).
+
+    The global random state is the same after the call as before it, whatever ``save_models`` draws
+    (building a model initialises it at random): a run resumed from this checkpoint restarts from the
+    random state saved in it, so the uninterrupted run must go on from that very state too.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     partial = output_dir / f"{PARTIAL_CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if accelerator.is_main_process and save_models is not None:
-        save_models(partial)
-    accelerator.wait_for_everyone()
+    with rng_preserved(accelerator.device):
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process and save_models is not None:
+            save_models(partial)
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
             # Saving a step again (after resuming from an older checkpoint): swap, then delete the old copy.

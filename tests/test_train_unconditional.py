@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,10 +29,14 @@ from PIL import Image
 from immiscible_diffusers import assign_noise
 from immiscible_diffusers.model_card import REQUIRED_CARD_KEYS, read_card_metadata
 from immiscible_diffusers.training import (
+    assignment_generator,
+    ema_weights_swapped_in,
     list_checkpoints,
     read_train_log,
     remove_partial_checkpoints,
+    reseed_assignment_generator,
     resolve_resume_checkpoint,
+    rng_preserved,
     save_checkpoint,
 )
 
@@ -82,6 +87,15 @@ def _run(command: list[str], timeout: float = 180) -> subprocess.CompletedProces
 
 def _train(output_dir: Path, *flags: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return _run([sys.executable, str(SCRIPT), "--output_dir", str(output_dir), *TINY, *flags], timeout)
+
+
+def _two_process_command(output_dir: Path, *flags: str) -> list[str]:
+    """torchrun with 2 processes on this machine (accelerate runs them as one MULTI_CPU job on gloo)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(SCRIPT), "--output_dir", str(output_dir), *TINY, *flags,
+    ]  # fmt: skip
 
 
 def _log_column(output_dir: Path, column: str) -> list[str]:
@@ -326,6 +340,83 @@ def test_a_run_killed_mid_training_resumes_to_the_same_step_count(tmp_path):
     assert (output_dir / "model_index.json").is_file()
 
 
+# Both resume tests: EMA on (its weights go into every checkpoint), KNN candidates (a generator of their
+# own), sample grids and pipelines at every epoch's end (work that a run resumed after it skips), and a
+# constant learning rate (a cosine schedule's length is --max_train_steps, which the stopped run shortens).
+RESUME_FLAGS = [
+    "--assignment", "knn", "--knn_k", "3", "--use_ema", "--lr_scheduler", "constant",
+    "--checkpointing_steps", "2", "--save_images_epochs", "1", "--save_model_epochs", "1",
+]  # fmt: skip
+RESUME_COMPARED_COLUMNS = (
+    "step", "epoch", "loss", "lr", "batch_hash", "noise_hash", "assign_distance_before", "assign_distance_after"
+)  # fmt: skip
+
+
+def _assert_trained_alike(run: Path, reference: Path, weight_folders: list[str]) -> None:
+    """The same train_log.csv rows (all but the timings) and bit-identical weights in every folder."""
+    from safetensors.torch import load_file
+
+    def rows(output_dir: Path) -> list[dict[str, str]]:
+        return [{c: row[c] for c in RESUME_COMPARED_COLUMNS} for row in read_train_log(output_dir / "train_log.csv")]
+
+    assert rows(run) == rows(reference)
+    for folder in weight_folders:
+        weights = load_file(run / folder / "diffusion_pytorch_model.safetensors")
+        expected = load_file(reference / folder / "diffusion_pytorch_model.safetensors")
+        assert weights.keys() == expected.keys(), folder
+        differing = [name for name in expected if not torch.equal(weights[name], expected[name])]
+        assert not differing, f"{folder}: {len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+@pytest.mark.slow
+def test_a_stopped_and_resumed_run_trains_exactly_like_an_uninterrupted_one(tmp_path):
+    # 32 images in batches of 8 with 2 micro-batches per step: an epoch every 2 optimizer steps, so the
+    # run stopped at step 2 resumes at the start of epoch 1, and the resumed part crosses another boundary.
+    flags = [*RESUME_FLAGS, "--max_train_samples", "32", "--gradient_accumulation_steps", "2"]
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    command = [sys.executable, str(SCRIPT), "--output_dir", str(uninterrupted), *TINY, *flags, "--max_train_steps", "5"]
+    # The uninterrupted run trains side by side with the other two.
+    background = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _train(resumed, *flags, "--max_train_steps", "2")
+        assert [step for step, _ in list_checkpoints(resumed)] == [2]
+        result = _train(resumed, *flags, "--max_train_steps", "5", "--resume_from_checkpoint", "latest")
+        stdout, stderr = background.communicate(timeout=180)
+    finally:
+        if background.poll() is None:
+            background.kill()
+            background.wait()
+    assert background.returncode == 0, f"the uninterrupted run failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    assert "Resuming from checkpoint" in result.stderr + result.stdout
+
+    assert [int(step) for step in _log_column(resumed, "step")] == [1, 2, 3, 4, 5]
+    assert _log_column(resumed, "epoch") == ["0", "0", "1", "1", "2"]
+    # Each epoch draws a new order (all 4 micro-batches of the first 2 epochs differ).
+    assert len(set(_log_column(uninterrupted, "batch_hash")[:4])) == 4
+    # Training weights and EMA weights of step 4, written by both runs after the resume; the final pipeline's
+    # UNet holds the EMA weights of step 5.
+    _assert_trained_alike(resumed, uninterrupted, ["checkpoint-4/unet", "checkpoint-4/unet_ema", "unet"])
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly_each_with_its_own_knn_candidates(tmp_path):
+    # 32 images over 2 processes in batches of 8: an epoch every 2 steps, and checkpoint-2 at its end.
+    flags = [*RESUME_FLAGS, "--max_train_samples", "32", "--max_train_steps", "4"]
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    _run(_two_process_command(uninterrupted, *flags), timeout=240)
+    # A run killed after its checkpoint at step 2: that checkpoint and the log of its first 2 steps.
+    resumed.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(uninterrupted / "train_log.csv", resumed / "train_log.csv")
+    result = _run(_two_process_command(resumed, *flags, "--resume_from_checkpoint", "latest"), timeout=240)
+    assert "Resuming from checkpoint" in result.stderr + result.stdout
+
+    assert [int(step) for step in _log_column(resumed, "step")] == [1, 2, 3, 4]
+    # The loss is the mean over both processes, so it also checks the second process's batches and its
+    # KNN candidates; the weights, synchronised by DDP, hold every process's gradients.
+    _assert_trained_alike(resumed, uninterrupted, ["checkpoint-4/unet", "checkpoint-4/unet_ema", "unet"])
+
+
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, fresh_accelerate_state):
     from accelerate import Accelerator
 
@@ -382,6 +473,69 @@ def test_checkpointable_generator_round_trips():
     assert not torch.equal(torch.randn(4, generator=assignment_generator(0, process_index=1)), first)
 
 
+def test_save_checkpoint_leaves_the_random_stream_where_it_was(tmp_path, fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    model = accelerator.prepare(torch.nn.Linear(3, 3))
+
+    def save_a_new_model(folder: Path) -> None:
+        # What saving an EMA copy used to do: build a model, whose initialisation draws random numbers.
+        torch.save(torch.nn.Linear(16, 16).state_dict(), folder / "copy.pt")
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    save_checkpoint(accelerator, tmp_path, 1, save_a_new_model)
+    assert torch.equal(torch.get_rng_state(), state)
+    # The state saved in the checkpoint is that same state: a resumed run draws what this one draws next.
+    accelerator.load_state(str(tmp_path / "checkpoint-1"))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.weight.shape == (3, 3)
+
+
+def test_rng_preserved_and_ema_weights_swapped_in_leave_no_trace():
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    ema = EMAModel(model.parameters(), decay=0.5, use_ema_warmup=False)
+    ema.step(model.parameters())
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the training weights move on from the average
+    training_weights = [p.detach().clone() for p in model.parameters()]
+
+    state = torch.get_rng_state()
+    with rng_preserved("cpu"):
+        torch.randn(10)
+    assert torch.equal(torch.get_rng_state(), state)
+    with ema_weights_swapped_in(ema, model) as swapped:
+        assert swapped is model
+        for param, shadow in zip(model.parameters(), ema.shadow_params, strict=True):
+            assert torch.equal(param, shadow)
+        assert not torch.equal(model.weight, training_weights[0])
+    for param, saved in zip(model.parameters(), training_weights, strict=True):
+        assert torch.equal(param, saved)
+    assert torch.equal(torch.get_rng_state(), state)  # no model was built to hold the EMA weights
+
+
+def test_reseeded_assignment_generator_depends_on_seed_process_and_step_only():
+    def draws(seed=0, process_index=0, step=7, micro_step=0, generator=None):
+        generator = generator or assignment_generator(seed=99, process_index=3)
+        return torch.randn(8, generator=reseed_assignment_generator(generator, seed, process_index, step, micro_step))
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    used = assignment_generator(seed=0)
+    torch.randn(100, generator=used)  # whatever was drawn before does not matter
+    assert torch.equal(draws(generator=used), draws())
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
+    others = [draws(seed=1), draws(process_index=1), draws(step=8), draws(micro_step=1), draws(step=0)]
+    for other in others:
+        assert not torch.equal(other, draws())
+    with pytest.raises(ValueError, match="step must be >= 0, got -1"):
+        reseed_assignment_generator(used, 0, 0, -1)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -394,13 +548,8 @@ def two_process_runs(tmp_path_factory):
     outputs = {}
     for scope in ("global", "local"):
         output_dir = tmp_path_factory.mktemp(f"two-{scope}") / "out"
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            str(SCRIPT), "--output_dir", str(output_dir), *TINY, "--max_train_steps", str(STEPS),
-            "--assignment", "linear", "--assignment_scope", scope, "--checkpointing_steps", "2",
-        ]  # fmt: skip
-        _run(command, timeout=240)
+        flags = ["--max_train_steps", str(STEPS), "--assignment", "linear", "--assignment_scope", scope]
+        _run(_two_process_command(output_dir, *flags, "--checkpointing_steps", "2"), timeout=240)
         outputs[scope] = output_dir
     return outputs
 

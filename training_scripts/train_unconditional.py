@@ -19,10 +19,12 @@ Multi-process: ``accelerate launch --num_processes 2 ...`` or ``torchrun --nproc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +60,13 @@ from immiscible_diffusers.training import (
     check_batch_size,
     check_unet_resolution,
     checkpoint_step,
+    ema_weights_swapped_in,
     non_negative_int,
     positive_int,
     remove_partial_checkpoints,
+    reseed_assignment_generator,
     resolve_resume_checkpoint,
+    rng_preserved,
     save_checkpoint,
     save_sample_grid,
     save_training_config,
@@ -328,13 +333,6 @@ def compute_loss(
     )
 
 
-def ema_unet_copy(ema_model: EMAModel, unet: UNet2DModel) -> UNet2DModel:
-    """A fresh UNet holding the EMA weights, on the training model's device (the training weights stay as they are)."""
-    ema_unet = UNet2DModel.from_config(unet.config).to(unet.device)
-    ema_model.copy_to(ema_unet.parameters())
-    return ema_unet
-
-
 def generate_samples(unet: UNet2DModel, noise_scheduler: DDPMScheduler, args: argparse.Namespace, device) -> list:
     """A grid's worth of images from ``unet``, always from the same starting noise (seed 0)."""
     if args.eval_scheduler == "ddim":
@@ -500,7 +498,8 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"Dataset size: {len(dataset)}")
 
     # Incomplete batches are dropped: the assignment's effect depends on the batch size. The data order
-    # comes from its own generator, so it depends on --seed only.
+    # comes from its own generator, re-seeded every epoch (below), so it depends on --seed and the epoch
+    # only: a run resumed at any step, on any number of processes, sees the batches an uninterrupted one would.
     data_generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     train_dataloader = torch.utils.data.DataLoader(
         dataset,
@@ -539,7 +538,9 @@ def main(args: argparse.Namespace) -> None:
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)
     knn_generator = assignment_generator(args.seed, accelerator.process_index, accelerator.device)
-    # Saved with each checkpoint (as accelerate saves the global RNG states), so a resumed run draws on.
+    # With --seed, the KNN candidates are re-seeded every micro-batch from (seed, process, step) (in the
+    # loop), which resumes each process exactly. The generator's state still goes into checkpoints, so
+    # that checkpoints keep the layout of earlier ones, and so that runs without --seed draw on after a resume.
     accelerator.register_for_checkpointing(CheckpointableGenerator(knn_generator))
 
     if accelerator.is_main_process:
@@ -569,19 +570,28 @@ def main(args: argparse.Namespace) -> None:
         first_epoch = global_step // num_update_steps_per_epoch
         resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
+    @contextlib.contextmanager
+    def model_for_inference() -> Iterator[UNet2DModel]:
+        """The trained UNet, holding the EMA weights (if any) until the block ends."""
+        unwrapped = accelerator.unwrap_model(model)
+        if ema_model is None:
+            yield unwrapped
+            return
+        # The EMA weights go into the model itself: a new UNet to hold them would draw its initial weights
+        # from the global random stream, and a resumed run would go on from a different random state.
+        with ema_weights_swapped_in(ema_model, unwrapped):
+            yield unwrapped
+
     def save_models(folder: Path) -> None:
         # Plain `save_pretrained` folders, so evaluation can load any checkpoint's model without accelerate.
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(folder / "unet")
+        accelerator.unwrap_model(model).save_pretrained(folder / "unet")
         if ema_model is not None:
-            ema_unet_copy(ema_model, unwrapped).save_pretrained(folder / "unet_ema")
-
-    def model_for_inference() -> UNet2DModel:
-        unwrapped = accelerator.unwrap_model(model)
-        return ema_unet_copy(ema_model, unwrapped) if ema_model is not None else unwrapped
+            with model_for_inference() as ema_unet:
+                ema_unet.save_pretrained(folder / "unet_ema")
 
     def save_samples(step: int) -> Path:
-        images = generate_samples(model_for_inference(), noise_scheduler, args, accelerator.device)
+        with model_for_inference() as unet:
+            images = generate_samples(unet, noise_scheduler, args, accelerator.device)
         path = save_sample_grid(images, output_dir, step)
         if args.logger == "tensorboard":
             tracker = accelerator.get_tracker("tensorboard", unwrap=True)
@@ -598,11 +608,20 @@ def main(args: argparse.Namespace) -> None:
         if global_step >= max_train_steps:
             break
         model.train()
+        if data_generator is not None:
+            data_generator.manual_seed(args.seed + epoch)
         batches = train_dataloader
         if epoch == first_epoch and resume_batches > 0:
             batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
+        micro_step = 0  # micro-batches of the current optimizer step so far (gradient accumulation)
         for batch in batches:
             clean_images = batch["input"]
+            if args.seed is not None:
+                # KNN candidates that depend on where the run is, not on what it drew before: exact resumes.
+                reseed_assignment_generator(
+                    knn_generator, args.seed, accelerator.process_index, step=global_step, micro_step=micro_step
+                )
+            micro_step += 1
             with accelerator.accumulate(model):
                 step = compute_loss(model, noise_scheduler, clean_images, args, knn_generator)
                 accelerator.backward(step.loss)
@@ -624,6 +643,7 @@ def main(args: argparse.Namespace) -> None:
                 if ema_model is not None:
                     ema_model.step(model.parameters())
                 global_step += 1
+                micro_step = 0
                 values = step_stats.reduce(accelerator)
                 step_stats.reset()
                 lr = lr_scheduler.get_last_lr()[0]
@@ -642,37 +662,41 @@ def main(args: argparse.Namespace) -> None:
                 if global_step >= max_train_steps:
                     break
 
-        # Sample grids and the pipeline every few epochs (the final ones are saved after the loop).
+        # Sample grids and the pipeline every few epochs (the final ones are saved after the loop). A run
+        # resumed after this epoch skips this work, so it must leave the random stream as it was.
         if accelerator.is_main_process and global_step < max_train_steps:
-            if epoch % args.save_images_epochs == 0:
-                save_samples(global_step)
-            if epoch % args.save_model_epochs == 0:
-                save_pipeline_with_card(
-                    output_dir,
-                    model_for_inference(),
-                    noise_scheduler,
-                    args,
-                    global_step,
-                    None,
-                    accelerator.num_processes,
-                    hub_repo_id,
-                )
+            with rng_preserved(accelerator.device):
+                if epoch % args.save_images_epochs == 0:
+                    save_samples(global_step)
+                if epoch % args.save_model_epochs == 0:
+                    with model_for_inference() as unet:
+                        save_pipeline_with_card(
+                            output_dir,
+                            unet,
+                            noise_scheduler,
+                            args,
+                            global_step,
+                            None,
+                            accelerator.num_processes,
+                            hub_repo_id,
+                        )
 
     progress_bar.close()
     train_log.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         grid = save_samples(global_step)
-        save_pipeline_with_card(
-            output_dir,
-            model_for_inference(),
-            noise_scheduler,
-            args,
-            global_step,
-            grid,
-            accelerator.num_processes,
-            hub_repo_id,
-        )
+        with model_for_inference() as unet:
+            save_pipeline_with_card(
+                output_dir,
+                unet,
+                noise_scheduler,
+                args,
+                global_step,
+                grid,
+                accelerator.num_processes,
+                hub_repo_id,
+            )
         logger.info(f"Saved the pipeline, its model card and samples to {output_dir} (step {global_step})")
         if args.push_to_hub:
             url = push_output_dir(output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo)

@@ -26,9 +26,10 @@ METHODS = ("none", "linear", "knn")
 DISTANCES = ("l2", "sqeuclidean")
 SCOPES = ("local", "global")
 COST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Above this many samples an exact solve costs seconds per step (lapjv: ~0.15 s at 2,048, ~1 s at
-# 4,096 on a 2-core CPU), so larger batches are assigned exactly within blocks of at most this size.
-DEFAULT_BLOCK_SIZE = 4096
+# Above this many samples an exact solve costs seconds per step (lapjv on upsampled digits, D=3072:
+# 0.26-0.62 s at 2,048, 1.6-4.9 s at 4,096; benchmarks/assignment.py), so larger batches are assigned
+# exactly within blocks of at most this size (two blocks keep ~98% of the distance reduction).
+DEFAULT_BLOCK_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def _validate_tensors(samples: torch.Tensor, noise: torch.Tensor, generator: tor
     if generator is not None and generator.device.type != noise.device.type:
         raise ValueError(f"generator must be on the device type of noise ({noise.device.type}), got {generator.device}")
     for name, value in (("samples", samples), ("noise", noise)):
-        if not bool(torch.isfinite(value).all()):
+        # One fused reduction in the common case; NaN/Inf always make the sum non-finite.
+        if not bool(torch.isfinite(value.sum(dtype=torch.float32))) and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
 
 

@@ -1,0 +1,857 @@
+"""Evaluate training runs: sample every checkpoint with a fixed seed, score the samples, plot quality vs step.
+
+    python -m immiscible_diffusers.evaluate RUN_DIR [RUN_DIR ...] --output_dir eval \\
+        --scheduler ddim --num_inference_steps 50 --num_samples 450
+
+A run folder is what a training script of this package writes to its ``--output_dir``: ``checkpoint-<step>/``
+folders holding ``unet/`` (and ``unet_ema/``), the final pipeline (``model_index.json``, ``unet/``,
+``scheduler/``), ``training_config.json`` and ``train_log.csv``. Every checkpoint is sampled from the same
+starting noise (``--seed``), so differences between checkpoints and between runs are the models'.
+
+Metrics (``--metrics``; by default ``digits_fd`` for runs on the bundled digits and ``fid`` otherwise):
+
+- ``digits_fd``: the Fréchet distance in the feature space of a small digits classifier (see
+  ``immiscible_diffusers.metrics``) to held-out real digits. Runs offline.
+- ``fid``: FID with the standard Inception features; needs ``--inception_weights`` and ``--fid_reference``
+  (an ``.npz`` of precomputed ``mu``/``sigma``, a folder of images, or a dataset name).
+
+Beside the curve the evaluator reports two anchors per metric: the *floor* (real images scored like a
+model's samples) and the *ceiling* (pure Gaussian noise). The training loss is copied into the CSV for
+reference only: assigned noise is partly predictable from the image, so the loss of an immiscible run
+falls without its samples getting better.
+
+How a run is sampled depends on what it is: ``SAMPLERS`` maps a sampler name to a function, and each
+sampler lists the saved pipeline classes (``model_index.json``'s ``_class_name``) it can sample.
+``DEFAULT_SAMPLERS`` picks one per pipeline class. Add a sampler with ``register_sampler``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import DIGITS_DATASET_NAME
+from .metrics import (
+    DigitsFeatureSpace,
+    GaussianStatistics,
+    InceptionFeatureSpace,
+    frechet_distance_between,
+    real_digits,
+)
+from .training import TRAIN_LOG_NAME, TRAINING_CONFIG_NAME, list_checkpoints, read_train_log
+
+RESULTS_CSV = "quality.csv"
+RESULTS_MARKDOWN = "quality.md"
+RESULTS_PLOT = "quality.png"
+RESULTS_JSON = "evaluation.json"
+METRICS = ("digits_fd", "fid")
+METRIC_LABELS = {
+    "digits_fd": "Fréchet distance (digits classifier features)",
+    "fid": "FID (Inception features)",
+}
+# Which saved pipeline each training script writes, for folders without model_index.json yet.
+SCRIPT_PIPELINES = {"train_unconditional.py": "DDPMPipeline"}
+# The training loss shown beside the metric is the mean over this many steps before the checkpoint.
+LOSS_WINDOW = 50
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs and checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    """What the evaluator knows about one training run's output folder."""
+
+    run_dir: Path
+    label: str
+    pipeline_class: str | None
+    training_config: dict[str, Any]
+    card_metadata: dict[str, Any]
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        """A training setting, from ``training_config.json``, else the model card's ``immiscible_diffusers`` dict."""
+        if key in self.training_config:
+            return self.training_config[key]
+        return self.card_metadata.get(key, default)
+
+    @property
+    def dataset(self) -> str | None:
+        return self.setting("dataset")
+
+    @property
+    def assignment(self) -> str | None:
+        return self.setting("assignment")
+
+    @property
+    def seed(self) -> int | None:
+        return self.setting("seed")
+
+
+def read_run(run_dir: str | os.PathLike, label: str | None = None) -> RunInfo:
+    """Read a run folder's ``training_config.json``, model card metadata and ``model_index.json`` (all optional)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {str(run_dir)!r} does not exist")
+    config_path = run_dir / TRAINING_CONFIG_NAME
+    training_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    card_metadata: dict[str, Any] = {}
+    if (run_dir / "README.md").is_file():
+        from .model_card import CARD_METADATA_KEY, read_card_metadata
+
+        card_metadata = dict(read_card_metadata(run_dir).get(CARD_METADATA_KEY) or {})
+    pipeline_class = None
+    if (run_dir / "model_index.json").is_file():
+        pipeline_class = json.loads((run_dir / "model_index.json").read_text()).get("_class_name")
+    else:
+        script = training_config.get("script") or card_metadata.get("script")
+        pipeline_class = SCRIPT_PIPELINES.get(script)
+    return RunInfo(run_dir, label or run_dir.name, pipeline_class, training_config, card_metadata)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model to evaluate: the weights folder, the training step, and which weights (``ema`` or ``raw``)."""
+
+    step: int
+    model_dir: Path
+    weights: str
+    source: str
+
+
+def find_checkpoints(run: RunInfo, use_ema: bool = True, include_final: bool = True) -> list[Checkpoint]:
+    """Every ``checkpoint-<step>`` of a run (its ``unet_ema/`` when ``use_ema`` and present, else ``unet/``).
+
+    With ``include_final``, the final pipeline's ``unet/`` is added at the run's ``global_step`` unless a
+    checkpoint of that step exists (the final UNet holds the EMA weights when the run used EMA).
+    """
+    found = []
+    for step, path in list_checkpoints(run.run_dir):
+        if use_ema and (path / "unet_ema" / "config.json").is_file():
+            found.append(Checkpoint(step, path / "unet_ema", "ema", path.name))
+        elif (path / "unet" / "config.json").is_file():
+            found.append(Checkpoint(step, path / "unet", "raw", path.name))
+    final_step = run.setting("global_step")
+    if include_final and final_step is not None and (run.run_dir / "unet" / "config.json").is_file():
+        if all(c.step != int(final_step) for c in found):
+            weights = "ema" if run.setting("use_ema") else "raw"
+            found.append(Checkpoint(int(final_step), run.run_dir / "unet", weights, "final"))
+    return sorted(found, key=lambda c: c.step)
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample: ``num_images`` in batches of ``batch_size`` from a CPU generator seeded with ``seed``."""
+
+    num_images: int
+    num_inference_steps: int
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "cpu"
+    progress: bool = True
+
+
+# A sampler: (run, model folder, options) -> images (N, C, H, W) float32 in [-1, 1] on the CPU.
+SampleFunction = Callable[[RunInfo, Path, SamplingOptions], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampling method and the saved pipeline classes (``model_index.json`` ``_class_name``) it applies to."""
+
+    name: str
+    sample: SampleFunction
+    pipeline_classes: tuple[str, ...]
+    description: str
+
+
+SAMPLERS: dict[str, Sampler] = {}
+DEFAULT_SAMPLERS: dict[str, str] = {}
+
+
+def register_sampler(sampler: Sampler, default_for: Iterable[str] = ()) -> Sampler:
+    """Add ``sampler`` to ``SAMPLERS``; make it the default for the pipeline classes in ``default_for``."""
+    SAMPLERS[sampler.name] = sampler
+    for pipeline_class in default_for:
+        DEFAULT_SAMPLERS[pipeline_class] = sampler.name
+    return sampler
+
+
+def resolve_sampler(run: RunInfo, name: str | None) -> Sampler:
+    """The sampler called ``name`` (or the default for the run's pipeline), checked against the run."""
+    if name is None:
+        if run.pipeline_class not in DEFAULT_SAMPLERS:
+            raise ValueError(
+                f"no default sampler for run {str(run.run_dir)!r} (pipeline class {run.pipeline_class!r}); "
+                f"pass --scheduler, one of {sorted(SAMPLERS)}"
+            )
+        name = DEFAULT_SAMPLERS[run.pipeline_class]
+    if name not in SAMPLERS:
+        raise ValueError(f"--scheduler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    sampler = SAMPLERS[name]
+    if run.pipeline_class is not None and run.pipeline_class not in sampler.pipeline_classes:
+        raise ValueError(
+            f"--scheduler {name} samples {list(sampler.pipeline_classes)}, but run {str(run.run_dir)!r} holds a "
+            f"{run.pipeline_class}"
+        )
+    return sampler
+
+
+def _load_unet(model_dir: Path, device: str):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_pretrained(model_dir).to(device).eval()
+
+
+def _ddpm_family_scheduler_config(run: RunInfo) -> dict[str, Any]:
+    """The run's noise-schedule config (``scheduler/``), rebuilt from its training flags when not saved yet."""
+    from diffusers import DDPMScheduler
+
+    if (run.run_dir / "scheduler" / "scheduler_config.json").is_file():
+        return dict(DDPMScheduler.load_config(run.run_dir / "scheduler"))
+    keys = {"ddpm_num_steps": "num_train_timesteps", "ddpm_beta_schedule": "beta_schedule", "prediction_type": "prediction_type"}
+    if not all(run.setting(key) is not None for key in keys):
+        raise ValueError(
+            f"run {str(run.run_dir)!r} has no scheduler/ folder and no training config to rebuild its noise schedule from"
+        )
+    return dict(DDPMScheduler(**{name: run.setting(key) for key, name in keys.items()}).config)
+
+
+def _run_image_pipeline(pipeline, options: SamplingOptions, **call_kwargs: Any) -> torch.Tensor:
+    pipeline.set_progress_bar_config(disable=not options.progress, leave=False, desc="denoising")
+    generator = torch.Generator("cpu").manual_seed(options.seed)
+    batches = []
+    remaining = options.num_images
+    with torch.no_grad():
+        while remaining > 0:
+            size = min(options.batch_size, remaining)
+            images = pipeline(
+                batch_size=size,
+                generator=generator,
+                num_inference_steps=options.num_inference_steps,
+                output_type="pt",
+                **call_kwargs,
+            ).images
+            batches.append(images.float().cpu() * 2.0 - 1.0)  # the pipelines return [0, 1]
+            remaining -= size
+    return torch.cat(batches)
+
+
+def sample_ddpm(run: RunInfo, model_dir: Path, options: SamplingOptions) -> torch.Tensor:
+    """Ancestral DDPM sampling with ``DDPMPipeline`` (``num_inference_steps`` evenly spaced timesteps)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(_ddpm_family_scheduler_config(run))
+    pipeline = DDPMPipeline(unet=_load_unet(model_dir, options.device), scheduler=scheduler)
+    return _run_image_pipeline(pipeline, options)
+
+
+def sample_ddim(run: RunInfo, model_dir: Path, options: SamplingOptions) -> torch.Tensor:
+    """Deterministic DDIM sampling (eta = 0) with ``DDIMPipeline``: only the starting noise is random."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(_ddpm_family_scheduler_config(run))
+    pipeline = DDIMPipeline(unet=_load_unet(model_dir, options.device), scheduler=scheduler)
+    return _run_image_pipeline(pipeline, options, eta=0.0)
+
+
+register_sampler(
+    Sampler("ddpm", sample_ddpm, ("DDPMPipeline", "DDIMPipeline"), "DDPM ancestral sampling"),
+)
+register_sampler(
+    Sampler("ddim", sample_ddim, ("DDPMPipeline", "DDIMPipeline"), "DDIM, eta=0"),
+    default_for=("DDPMPipeline", "DDIMPipeline"),
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics with their anchors
+# --------------------------------------------------------------------------------------------------
+
+
+class DigitsFrechetMetric:
+    """Fréchet distance in the digits classifier's feature space to the held-out reference digits.
+
+    Protocol: the classifier is trained on a seeded half of the 1,797 digits; the other half is split into
+    the *reference* set (its statistics are the target) and the *floor* set. The training scripts' digits
+    default trains on all 1,797 digits, so the diffusion model may have seen the reference digits: this
+    measures fit to the data distribution, not generalisation. Real digits go through the training
+    transform at the run's resolution and back to 8x8, exactly as samples do.
+    """
+
+    name = "digits_fd"
+
+    def __init__(self, space: DigitsFeatureSpace | None = None, seed: int = 0, progress: bool = True) -> None:
+        self.space = space or DigitsFeatureSpace.load(progress=progress)
+        self.seed = seed
+        self._reference: dict[tuple[int, int], tuple[GaussianStatistics, torch.Tensor]] = {}
+
+    def check_run(self, run: RunInfo) -> None:
+        if run.dataset != DIGITS_DATASET_NAME:
+            raise ValueError(
+                f"--metrics digits_fd needs runs trained on the bundled digits ({DIGITS_DATASET_NAME!r}); run "
+                f"{str(run.run_dir)!r} was trained on {run.dataset!r} (use --metrics fid)"
+            )
+
+    def _real(self, resolution: int, num_channels: int) -> tuple[GaussianStatistics, torch.Tensor]:
+        key = (resolution, num_channels)
+        if key not in self._reference:
+            images, _ = real_digits(resolution, num_channels)
+            split = self.space.split
+            reference = GaussianStatistics.from_features(self.space.features(images[split.reference]))
+            self._reference[key] = (reference, images[split.floor])
+        return self._reference[key]
+
+    def score(self, images: torch.Tensor) -> float:
+        reference, _ = self._real(images.shape[-1], images.shape[1])
+        return frechet_distance_between(GaussianStatistics.from_features(self.space.features(images)), reference)
+
+    def anchors(self, resolution: int, num_channels: int, num_samples: int) -> dict[str, tuple[float, int]]:
+        """``{"floor": (value, n), "ceiling": (value, n)}``: held-out real digits and Gaussian noise, scored as samples."""
+        _, floor_images = self._real(resolution, num_channels)
+        floor_count = min(num_samples, len(floor_images))
+        generator = torch.Generator().manual_seed(self.seed)
+        floor_subset = floor_images[torch.randperm(len(floor_images), generator=generator)[:floor_count]]
+        noise = torch.randn((num_samples, num_channels, resolution, resolution), generator=generator).clamp(-1, 1)
+        return {"floor": (self.score(floor_subset), floor_count), "ceiling": (self.score(noise), num_samples)}
+
+    def describe(self) -> dict[str, Any]:
+        split = self.space.split
+        return {
+            "metric": self.name,
+            "classifier_test_accuracy": self.space.test_accuracy,
+            "classifier_cache": str(self.space.cache_path) if self.space.cache_path else None,
+            "classifier_train_digits": len(split.classifier_train),
+            "reference_digits": len(split.reference),
+            "floor_digits": len(split.floor),
+            "feature_dim": self.space.config.feature_dim,
+        }
+
+
+class InceptionFrechetMetric:
+    """FID with torch-fidelity's InceptionV3 against precomputed statistics or a set of reference images."""
+
+    name = "fid"
+
+    def __init__(
+        self,
+        inception_weights: str | os.PathLike | None,
+        reference: str | os.PathLike | None,
+        reference_column: str = "image",
+        max_reference_images: int | None = None,
+        device: str = "cpu",
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if reference is None:
+            raise ValueError(
+                "--metrics fid needs --fid_reference: an .npz with 'mu' and 'sigma', a folder of images, or a dataset name"
+            )
+        self.space = InceptionFeatureSpace(inception_weights, device=device)
+        self.reference_source = str(reference)
+        self.seed = seed
+        self.reference_images: torch.Tensor | None = None
+        if str(reference).endswith(".npz"):
+            self.reference = GaussianStatistics.load(reference)
+        else:
+            self.reference_images = _load_reference_images(reference, reference_column, max_reference_images, seed)
+            self.reference = GaussianStatistics.from_features(self.space.features(self.reference_images))
+            if cache_dir is not None:
+                self.reference.save(Path(cache_dir) / "fid_reference_stats.npz")
+
+    def check_run(self, run: RunInfo) -> None:
+        pass
+
+    def score(self, images: torch.Tensor) -> float:
+        return frechet_distance_between(GaussianStatistics.from_features(self.space.features(images)), self.reference)
+
+    def anchors(self, resolution: int, num_channels: int, num_samples: int) -> dict[str, tuple[float, int]]:
+        """Noise always; the floor only when the reference is images (they are part of the reference, so it is optimistic)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn((num_samples, num_channels, resolution, resolution), generator=generator).clamp(-1, 1)
+        result = {"ceiling": (self.score(noise), num_samples)}
+        if self.reference_images is not None:
+            count = min(num_samples, len(self.reference_images))
+            subset = self.reference_images[torch.randperm(len(self.reference_images), generator=generator)[:count]]
+            result["floor"] = (self.score(subset), count)
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "metric": self.name,
+            "inception_weights": str(self.space.weights_path),
+            "fid_reference": self.reference_source,
+            "reference_count": self.reference.count,
+        }
+
+
+def _load_reference_images(source, image_column: str, max_images: int | None, seed: int) -> torch.Tensor:
+    """Reference images in ``[-1, 1]`` at their own size (RGB), from a folder of images or a dataset name."""
+    from .data import load_image_dataset
+
+    if os.path.isdir(source) and not (Path(source) / "dataset_info.json").is_file():
+        dataset = load_image_dataset(train_data_dir=str(source), image_column=image_column)
+    else:
+        dataset = load_image_dataset(dataset_name=str(source), image_column=image_column)
+    if max_images is not None and max_images < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(max_images))
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) for image in tqdm(dataset[image_column], desc="reference")]
+    sizes = {array.shape for array in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"--fid_reference images must all have one size, found {sorted(sizes)[:4]}; resize them first")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div(127.5).sub(1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationResults:
+    """Scores of every (run, checkpoint, metric), the anchors, and the settings they were made with."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    anchors: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    metric_info: list[dict[str, Any]] = field(default_factory=list)
+
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys(row["metric"] for row in self.rows))
+
+    def curves(self, metric: str) -> dict[str, list[tuple[int, float]]]:
+        """``{run label: [(step, value), ...]}`` for one metric, steps ascending."""
+        curves: dict[str, list[tuple[int, float]]] = {}
+        for row in self.rows:
+            if row["metric"] == metric:
+                curves.setdefault(row["run"], []).append((row["step"], row["value"]))
+        return {label: sorted(points) for label, points in curves.items()}
+
+
+def mean_train_loss(run: RunInfo, step: int, window: int = LOSS_WINDOW) -> float | None:
+    """Mean training loss over the ``window`` logged steps up to ``step`` (None without a train log)."""
+    path = run.run_dir / TRAIN_LOG_NAME
+    if not path.is_file():
+        return None
+    losses = [float(row["loss"]) for row in read_train_log(path) if step - window < int(row["step"]) <= step]
+    return float(np.mean(losses)) if losses else None
+
+
+def build_metric(name: str, **kwargs: Any):
+    """The metric object for ``name`` (``digits_fd`` or ``fid``); ``kwargs`` go to its constructor."""
+    if name == "digits_fd":
+        allowed = {"space", "seed", "progress"}
+        return DigitsFrechetMetric(**{k: v for k, v in kwargs.items() if k in allowed})
+    if name == "fid":
+        allowed = {"inception_weights", "reference", "reference_column", "max_reference_images", "device", "seed", "cache_dir"}
+        return InceptionFrechetMetric(**{k: v for k, v in kwargs.items() if k in allowed})
+    raise ValueError(f"metric must be one of {METRICS}, got {name!r}")
+
+
+def default_metric(runs: Sequence[RunInfo]) -> str:
+    """``digits_fd`` when every run trained on the bundled digits, else ``fid``."""
+    return "digits_fd" if all(run.dataset == DIGITS_DATASET_NAME for run in runs) else "fid"
+
+
+def evaluate_runs(
+    run_dirs: Sequence[str | os.PathLike],
+    *,
+    labels: Sequence[str] | None = None,
+    metrics: Sequence[str] | Sequence[Any] | None = None,
+    scheduler: str | None = None,
+    num_inference_steps: int = 50,
+    num_samples: int = 450,
+    seed: int = 0,
+    batch_size: int = 256,
+    use_ema: bool = True,
+    include_final: bool = True,
+    steps: Sequence[int] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    save_samples_dir: str | os.PathLike | None = None,
+    **metric_kwargs: Any,
+) -> EvaluationResults:
+    """Sample every checkpoint of every run and score the samples.
+
+    Args:
+        run_dirs: training runs' output folders.
+        labels: names for the runs in tables and plots (default: the folder names).
+        metrics: metric names (``"digits_fd"``, ``"fid"``) or metric objects; default: ``default_metric``.
+        scheduler: sampler name from ``SAMPLERS`` (default: the one for each run's pipeline class).
+        num_inference_steps, num_samples, seed, batch_size: how to sample; the same ``seed`` gives every
+            checkpoint of every run the same starting noise.
+        use_ema: sample a checkpoint's ``unet_ema/`` when it has one.
+        include_final: also evaluate the final pipeline's ``unet/`` when no checkpoint has its step.
+        steps: evaluate only checkpoints at these steps.
+        save_samples_dir: save a grid of the first 64 samples of each checkpoint there.
+        metric_kwargs: passed to the metric constructors (``inception_weights``, ``reference``, ...).
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an integer >= 2 (a covariance needs two samples), got {num_samples!r}")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not run_dirs:
+        raise ValueError("run_dirs must name at least one run folder")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"labels must have one entry per run ({len(run_dirs)}), got {len(labels)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runs = [read_run(path, labels[i] if labels else None) for i, path in enumerate(run_dirs)]
+    if len({run.label for run in runs}) != len(runs):
+        raise ValueError(f"run labels must be unique, got {[run.label for run in runs]} (pass labels=...)")
+    metric_objects = [
+        build_metric(m, seed=seed, device=device, **metric_kwargs) if isinstance(m, str) else m
+        for m in (metrics or [default_metric(runs)])
+    ]
+    for metric in metric_objects:
+        for run in runs:
+            metric.check_run(run)
+    plan = []
+    for run in runs:
+        sampler = resolve_sampler(run, scheduler)
+        checkpoints = find_checkpoints(run, use_ema=use_ema, include_final=include_final)
+        if steps is not None:
+            checkpoints = [c for c in checkpoints if c.step in set(steps)]
+        if not checkpoints:
+            raise ValueError(f"run {str(run.run_dir)!r} has no checkpoint to evaluate (no checkpoint-<step>/unet)")
+        plan.extend((run, sampler, checkpoint) for checkpoint in checkpoints)
+
+    results = EvaluationResults(
+        settings={
+            "num_samples": num_samples,
+            "num_inference_steps": num_inference_steps,
+            "seed": seed,
+            "batch_size": batch_size,
+            "use_ema": use_ema,
+            "device": device,
+            "scheduler": scheduler,
+        },
+        metric_info=[metric.describe() for metric in metric_objects],
+    )
+    options = SamplingOptions(num_samples, num_inference_steps, seed, batch_size, device, progress)
+    shapes: set[tuple[int, int]] = set()
+    bar = tqdm(plan, desc="evaluating checkpoints", disable=not progress)
+    for run, sampler, checkpoint in bar:
+        bar.set_postfix(run=run.label, step=checkpoint.step)
+        images = sampler.sample(run, checkpoint.model_dir, options)
+        shapes.add((images.shape[-1], images.shape[1]))
+        if save_samples_dir is not None:
+            _save_grid(images[:64], Path(save_samples_dir) / run.label / f"step_{checkpoint.step:06d}.png")
+        loss = mean_train_loss(run, checkpoint.step)
+        for metric in metric_objects:
+            results.rows.append(
+                {
+                    "run": run.label,
+                    "run_dir": str(run.run_dir),
+                    "assignment": run.assignment,
+                    "seed": run.seed,
+                    "step": checkpoint.step,
+                    "checkpoint": checkpoint.source,
+                    "weights": checkpoint.weights,
+                    "sampler": sampler.name,
+                    "num_inference_steps": num_inference_steps,
+                    "num_samples": num_samples,
+                    "metric": metric.name,
+                    "value": metric.score(images),
+                    "train_loss": loss,
+                }
+            )
+    for metric in metric_objects:
+        for resolution, channels in sorted(shapes):
+            for anchor, (value, count) in metric.anchors(resolution, channels, num_samples).items():
+                results.anchors.append(
+                    {"metric": metric.name, "resolution": resolution, "channels": channels, "anchor": anchor,
+                     "value": value, "num_samples": count}
+                )
+    return results
+
+
+def _save_grid(images: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    from .training import image_grid
+
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    mode = "L" if pixels.shape[-1] == 1 else "RGB"
+    tiles = [Image.fromarray(p[..., 0] if mode == "L" else p, mode=mode) for p in pixels]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(tiles).save(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing results
+# --------------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = (
+    "run", "run_dir", "assignment", "seed", "step", "checkpoint", "weights", "sampler", "num_inference_steps", "num_samples",
+    "metric", "value", "train_loss",
+)
+
+
+def write_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike, columns: Sequence[str]) -> Path:
+    """Write ``rows`` to ``path`` atomically (values missing from a row stay empty)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in columns})
+    os.replace(partial, path)
+    return path
+
+
+def _format(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def results_markdown(results: EvaluationResults) -> str:
+    """One table per metric: a row per evaluated step, a column per run, then the anchors."""
+    lines = []
+    for metric in results.metrics():
+        curves = results.curves(metric)
+        labels = list(curves)
+        all_steps = sorted({step for points in curves.values() for step, _ in points})
+        lines += [f"### {METRIC_LABELS.get(metric, metric)} (lower is better)", ""]
+        lines.append("| step | " + " | ".join(labels) + " |")
+        lines.append("|---:|" + "---:|" * len(labels))
+        for step in all_steps:
+            cells = [_format(dict(curves[label]).get(step)) for label in labels]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        anchors = [a for a in results.anchors if a["metric"] == metric]
+        if anchors:
+            lines.append("")
+            lines.append(
+                "Anchors: "
+                + "; ".join(
+                    f"{a['anchor']} {_format(a['value'])} ({a['resolution']}x{a['resolution']}, n={a['num_samples']})"
+                    for a in anchors
+                )
+                + " — floor: held-out real images scored as samples; ceiling: pure Gaussian noise."
+            )
+        lines.append("")
+    settings = results.settings
+    lines.append(
+        f"Sampler: {settings.get('scheduler') or 'default'} with {settings.get('num_inference_steps')} steps, "
+        f"{settings.get('num_samples')} samples per checkpoint, seed {settings.get('seed')}"
+        f"{', EMA weights where saved' if settings.get('use_ema') else ''}."
+    )
+    for info in results.metric_info:
+        if info.get("metric") == "digits_fd":
+            lines.append(
+                f"Digits classifier: test accuracy {info['classifier_test_accuracy']:.4f} on "
+                f"{info['reference_digits'] + info['floor_digits']} held-out digits "
+                f"(trained on {info['classifier_train_digits']})."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_quality_curves(
+    results: EvaluationResults, path: str | os.PathLike, title: str | None = None, log_scale: bool = True
+) -> Path:
+    """Quality vs training step, one line per run and one panel per metric, anchors as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = results.metrics()
+    if not metrics:
+        raise ValueError("results hold no scores to plot")
+    figure, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for label, points in results.curves(metric).items():
+            steps, values = zip(*points)
+            axis.plot(steps, values, marker="o", markersize=3, label=label)
+        for anchor in (a for a in results.anchors if a["metric"] == metric):
+            style = {"floor": ("tab:green", "--"), "ceiling": ("tab:red", ":")}.get(anchor["anchor"], ("gray", "-."))
+            axis.axhline(
+                anchor["value"], color=style[0], linestyle=style[1], linewidth=1,
+                label=f"{anchor['anchor']} ({anchor['resolution']}px): {anchor['value']:.1f}",
+            )
+        axis.set_xlabel("training step")
+        axis.set_ylabel(METRIC_LABELS.get(metric, metric) + " ↓")
+        if log_scale:
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.suptitle(title or "Sample quality vs training step")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_results(results: EvaluationResults, output_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``quality.csv``, ``quality.md``, ``quality.png`` and ``evaluation.json`` to ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": write_csv(results.rows, output_dir / RESULTS_CSV, CSV_COLUMNS)}
+    markdown = output_dir / RESULTS_MARKDOWN
+    markdown.write_text(results_markdown(results))
+    paths["markdown"] = markdown
+    paths["plot"] = plot_quality_curves(results, output_dir / RESULTS_PLOT)
+    summary = {
+        "settings": results.settings,
+        "metrics": results.metric_info,
+        "anchors": results.anchors,
+        "rows": results.rows,
+    }
+    json_path = output_dir / RESULTS_JSON
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    paths["json"] = json_path
+    return paths
+
+
+def add_metrics_to_model_cards(results: EvaluationResults, run_dirs: Sequence[str | os.PathLike]) -> None:
+    """Record each run's last evaluated scores under ``immiscible_diffusers: metrics:`` in its model card."""
+    from huggingface_hub import ModelCard
+
+    from .model_card import CARD_METADATA_KEY
+
+    by_folder: dict[str, list[dict[str, Any]]] = {}
+    for row in results.rows:
+        by_folder.setdefault(row["run_dir"], []).append(row)
+    for run_dir in run_dirs:
+        card_path = Path(run_dir) / "README.md"
+        rows = by_folder.get(str(Path(run_dir)))
+        if not rows or not card_path.is_file():
+            continue
+        last_step = max(row["step"] for row in rows)
+        metrics = {
+            row["metric"]: {
+                "value": round(float(row["value"]), 4),
+                "step": last_step,
+                "sampler": row["sampler"],
+                "num_inference_steps": row["num_inference_steps"],
+                "num_samples": row["num_samples"],
+            }
+            for row in rows
+            if row["step"] == last_step
+        }
+        card = ModelCard.load(card_path)
+        block = dict(getattr(card.data, CARD_METADATA_KEY, None) or {})
+        block["metrics"] = metrics
+        setattr(card.data, CARD_METADATA_KEY, block)
+        partial = card_path.with_name("README.md.tmp")
+        card.save(partial)
+        os.replace(partial, card_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m immiscible_diffusers.evaluate",
+        description="Sample every checkpoint of training runs with a fixed seed and plot sample quality vs training step.",
+    )
+    parser.add_argument("run_dirs", nargs="+", help="Training runs' output folders (with checkpoint-<step>/ folders).")
+    parser.add_argument("--output_dir", required=True, help="Where quality.csv, quality.md, quality.png go.")
+    parser.add_argument("--labels", nargs="+", default=None, help="A name per run for tables and plots.")
+    parser.add_argument(
+        "--metrics", nargs="+", choices=METRICS, default=None,
+        help="digits_fd (offline, bundled digits runs only) and/or fid (Inception). Default: digits_fd for digits runs, else fid.",
+    )
+    parser.add_argument(
+        "--scheduler", choices=sorted(SAMPLERS), default=None,
+        help="Sampler (default: the one registered for each run's pipeline class: ddim for DDPM runs).",
+    )
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps per sample.")
+    parser.add_argument(
+        "--num_samples", type=int, default=450,
+        help="Images per checkpoint (450 = the digits floor set's size, so the floor is comparable; use >= 10000 for FID).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the starting noise, the same for every checkpoint.")
+    parser.add_argument("--batch_size", type=int, default=256, help="Images generated per forward pass.")
+    parser.add_argument(
+        "--use_ema", action=argparse.BooleanOptionalAction, default=True,
+        help="Sample a checkpoint's unet_ema/ when it has one (default), else its unet/.",
+    )
+    parser.add_argument(
+        "--include_final", action=argparse.BooleanOptionalAction, default=True,
+        help="Also evaluate the final pipeline's unet/ when no checkpoint has its step.",
+    )
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="Evaluate only these training steps.")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument(
+        "--num_threads", type=int, default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is fastest on a CPU shared with other jobs).",
+    )
+    parser.add_argument(
+        "--inception_weights", default=None,
+        help="For --metrics fid: path to torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth).",
+    )
+    parser.add_argument(
+        "--fid_reference", default=None,
+        help="For --metrics fid: an .npz with 'mu' and 'sigma', a folder of images, or a dataset name (e.g. cifar10).",
+    )
+    parser.add_argument("--fid_reference_column", default="image", help="Image column of the --fid_reference dataset.")
+    parser.add_argument("--max_reference_images", type=int, default=None, help="Use at most this many reference images.")
+    parser.add_argument("--save_samples", action="store_true", help="Save a grid of each checkpoint's first 64 samples.")
+    parser.add_argument(
+        "--update_model_cards", action="store_true",
+        help="Write each run's final scores into its model card (immiscible_diffusers: metrics:).",
+    )
+    return parser.parse_args(input_args)
+
+
+def main(input_args: Sequence[str] | None = None) -> EvaluationResults:
+    args = parse_args(input_args)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    results = evaluate_runs(
+        args.run_dirs,
+        labels=args.labels,
+        metrics=args.metrics,
+        scheduler=args.scheduler,
+        num_inference_steps=args.num_inference_steps,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        use_ema=args.use_ema,
+        include_final=args.include_final,
+        steps=args.steps,
+        device=args.device,
+        save_samples_dir=Path(args.output_dir) / "samples" if args.save_samples else None,
+        inception_weights=args.inception_weights,
+        reference=args.fid_reference,
+        reference_column=args.fid_reference_column,
+        max_reference_images=args.max_reference_images,
+        cache_dir=args.output_dir,
+    )
+    paths = write_results(results, args.output_dir)
+    if args.update_model_cards:
+        add_metrics_to_model_cards(results, args.run_dirs)
+    print(results_markdown(results))
+    print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    return results
+
+
+if __name__ == "__main__":
+    main()

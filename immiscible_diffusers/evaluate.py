@@ -61,7 +61,7 @@ METRIC_LABELS = {
     "fid": "FID (Inception features)",
 }
 # Which saved pipeline each training script writes, for folders without model_index.json yet.
-SCRIPT_PIPELINES = {"train_unconditional.py": "DDPMPipeline"}
+SCRIPT_PIPELINES = {"train_unconditional.py": "DDPMPipeline", "train_flow_matching.py": "FlowMatchingPipeline"}
 # The training loss shown beside the metric is the mean over this many steps before the checkpoint.
 LOSS_WINDOW = 50
 
@@ -278,6 +278,19 @@ register_sampler(
 register_sampler(
     Sampler("ddim", sample_ddim, ("DDPMPipeline", "DDIMPipeline"), "DDIM, eta=0"),
     default_for=("DDPMPipeline", "DDIMPipeline"),
+)
+
+
+def sample_flow_euler(run: RunInfo, model_dir: Path, options: SamplingOptions) -> torch.Tensor:
+    """Euler ODE sampling of a flow-matching run (FlowMatchingPipeline, FlowMatchEulerDiscreteScheduler)."""
+    from .flow_matching import sample_flow_matching  # late: flow_matching imports this module
+
+    return sample_flow_matching(run, model_dir, options)
+
+
+register_sampler(
+    Sampler("flow_euler", sample_flow_euler, ("FlowMatchingPipeline",), "Euler ODE (FlowMatchEulerDiscreteScheduler)"),
+    default_for=("FlowMatchingPipeline",),
 )
 
 

@@ -10,6 +10,7 @@ hence the same batches, noise draws and timesteps. The two runs go side by side,
     <output_dir>/immiscible/     the same for the immiscible run
     <output_dir>/loss_curves.png both training-loss curves and what the assignment did to the distances
     <output_dir>/samples.png     the final sample grids side by side (same starting noise)
+    <output_dir>/evaluation/     quality.png/.md/.csv: digits Frechet distance of every checkpoint, both runs
     <output_dir>/summary.json    durations, final losses, whether both runs saw the same data and draws
 
 Usage: ``python training_scripts/demo.py [--output_dir outputs/demo] [--max_train_steps 1500]``.
@@ -35,7 +36,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+import torch  # noqa: E402
+
 from immiscible_diffusers.data import DIGITS_NUM_IMAGES  # noqa: E402
+from immiscible_diffusers.evaluate import evaluate_runs, write_results  # noqa: E402
 from immiscible_diffusers.training import TRAIN_LOG_NAME, read_train_log, relative_reduction  # noqa: E402
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_unconditional.py"
@@ -55,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads_per_run", type=int, default=1, help="torch threads of each training process.")
     parser.add_argument("--sequential", action="store_true", help="Train one run after the other, not side by side.")
     parser.add_argument("--overwrite", action="store_true", help="Delete earlier demo runs instead of resuming them.")
+    parser.add_argument(
+        "--num_eval_samples", type=int, default=450,
+        help="Samples per checkpoint for the quality-vs-step curves (digits Frechet distance); 0 skips the evaluation.",
+    )
     args = parser.parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "num_checkpoints", "threads_per_run", "resolution"):
         if getattr(args, name) < 1:
@@ -242,7 +250,15 @@ def main(argv: list[str] | None = None) -> dict:
     streams = compare_random_streams(run_dirs)
     loss_plot = plot_loss_curves(run_dirs, args.output_dir / "loss_curves.png")
     samples_plot = plot_final_samples(run_dirs, args.output_dir / "samples.png")
-    # The evaluation step (quality vs training steps, per checkpoint) plugs in here.
+    evaluation = None
+    if args.num_eval_samples > 0:
+        print(f"Scoring every checkpoint of both runs ({args.num_eval_samples} samples, DDIM 20 steps, digits Frechet distance) ...")
+        torch.set_num_threads(1)
+        results = evaluate_runs(
+            list(run_dirs.values()), labels=list(run_dirs), scheduler="ddim", num_inference_steps=20,
+            num_samples=args.num_eval_samples,
+        )
+        evaluation = {name: str(path) for name, path in write_results(results, args.output_dir / "evaluation").items()}
 
     for name, run_dir in run_dirs.items():
         runs[name].update(final_losses(run_dir))
@@ -264,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         **streams,
         "loss_curves": str(loss_plot),
         "samples": str(samples_plot),
+        "evaluation": evaluation,
     }
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -283,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"  loss curves: {loss_plot}\n  final samples side by side: {samples_plot}\n  "
         f"summary: {args.output_dir / 'summary.json'}"
     )
+    if evaluation:
+        print(f"  sample quality vs training step: {evaluation.get('plot')} and {evaluation.get('markdown')}")
     print("  Training loss is no quality measure (assigned noise is partly predictable); compare the samples.")
     return summary
 

@@ -61,7 +61,11 @@ METRIC_LABELS = {
     "fid": "FID (Inception features)",
 }
 # Which saved pipeline each training script writes, for folders without model_index.json yet.
-SCRIPT_PIPELINES = {"train_unconditional.py": "DDPMPipeline", "train_flow_matching.py": "FlowMatchingPipeline"}
+SCRIPT_PIPELINES = {
+    "train_unconditional.py": "DDPMPipeline",
+    "train_consistency.py": "ConsistencyModelPipeline",
+    "train_flow_matching.py": "FlowMatchingPipeline",
+}
 # The training loss shown beside the metric is the mean over this many steps before the checkpoint.
 LOSS_WINDOW = 50
 
@@ -278,6 +282,22 @@ register_sampler(
 register_sampler(
     Sampler("ddim", sample_ddim, ("DDPMPipeline", "DDIMPipeline"), "DDIM, eta=0"),
     default_for=("DDPMPipeline", "DDIMPipeline"),
+)
+
+
+def sample_consistency_model(run: RunInfo, model_dir: Path, options: SamplingOptions) -> torch.Tensor:
+    """One-step (``num_inference_steps=1``) or few-step sampling of a consistency-training run."""
+    from .consistency import sample_consistency
+
+    return sample_consistency(run, model_dir, options)
+
+
+register_sampler(
+    Sampler(
+        "consistency", sample_consistency_model, ("ConsistencyModelPipeline",),
+        "ConsistencyModelPipeline; --num_inference_steps 1 = one-step sampling",
+    ),
+    default_for=("ConsistencyModelPipeline",),
 )
 
 

@@ -64,11 +64,13 @@ _METHOD_DESCRIPTIONS = {
     "linear": (
         "**linear assignment** (Immiscible Diffusion, arXiv:2406.12303): before noising, each batch's Gaussian "
         "noise was re-paired with its images by the permutation that minimises the total image-noise distance; "
-        "the assigned noise was both the noising input and the training target."
+        "every noisy input (and, where the objective uses the noise, the training target) was built from the "
+        "assigned noise."
     ),
     "knn": (
         "**KNN assignment** (Improved Immiscible Diffusion, arXiv:2505.18521): for each image the nearest of "
-        "`knn_k` Gaussian noise candidates was kept; that noise was both the noising input and the training target."
+        "`knn_k` Gaussian noise candidates was kept, and every noisy input (and, where the objective uses the "
+        "noise, the training target) was built from it."
     ),
     "none": (
         "**no assignment** (the vanilla baseline): the noise was paired with the images at random, as in standard "
@@ -196,8 +198,8 @@ def build_model_card(
         f"# {title}",
         summary,
         f"Trained with {_METHOD_DESCRIPTIONS.get(method, f'assignment `{method}`.')}",
-        "Inference does not depend on how the noise was paired during training: the pipeline uses the stock "
-        "diffusers classes and loads without this project installed.",
+        "Inference does not depend on how the noise was paired during training: the UNet and scheduler are stock "
+        "diffusers classes (a pipeline class outside diffusers ships its code as `pipeline.py`).",
         f"## Usage\n\n```python\n{usage_code.strip()}\n```",
         f"## Samples\n\n![samples]({sample_grid})" if sample_grid else "",
         evaluation_section(evaluation_plot, evaluation_table, metadata.get("metrics")) if has_evaluation else "",

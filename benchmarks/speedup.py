@@ -18,10 +18,14 @@ Regimes: ``toy2d`` (8 Gaussians in 2-D, a small MLP denoiser trained by the loop
 2-Wasserstein distance to held-out points), ``digits8`` (the bundled digits at native 8x8), ``digits32``
 (upsampled to 32x32, where the assignment shortens the distance far less), all with
 ``training_scripts/train_unconditional.py`` and the offline digits Fréchet distance; ``cifar10`` (the
-DDPM/DDIM CIFAR-10 UNet, Inception FID; needs a GPU, the dataset and ``--inception_weights``).
+DDPM/DDIM CIFAR-10 UNet, Inception FID; needs a GPU, the dataset and ``--inception_weights``). Not in the
+default either: ``digits16_flow`` (``training_scripts/train_flow_matching.py`` on digits at 16x16, Euler
+sampling) and ``digits16_cm`` (``training_scripts/train_consistency.py``, the same runs scored with 1-step and
+2-step sampling as the regimes ``digits16_cm1`` and ``digits16_cm2``).
 
     python benchmarks/speedup.py --output_dir benchmarks/results           # toy2d, digits8, digits32 (~40 min, 2 CPU cores)
     python benchmarks/speedup.py --quick --output_dir /tmp/speedup         # a few minutes
+    python benchmarks/speedup.py --regimes digits16_cm digits16_flow --output_dir benchmarks/results-cm-flow
     python benchmarks/speedup.py --regimes cifar10 --device cuda --output_dir results-cifar10 \\
         --inception_weights weights-inception-2015-12-05-6726825d.pth --fid_reference cifar10 --fid_reference_column img
 
@@ -101,6 +105,14 @@ class Regime:
     unet_block_out_channels: str = ""
     lr_warmup_steps: int = 50
     extra_train_args: tuple[str, ...] = ()
+    # The training script's file name under training_scripts/ ("" = --train_script, train_unconditional.py by
+    # default), and the evaluator's sampler (a name from immiscible_diffusers.evaluate.SAMPLERS; None = the
+    # pipeline's default) with ``num_inference_steps`` steps.
+    train_script: str = ""
+    sampler: str | None = "ddim"
+    # Regimes with the same non-empty run_group share their training runs (folder runs_dir/<run_group>/):
+    # they differ only in how the checkpoints are evaluated (the consistency model's 1- and 2-step sampling).
+    run_group: str = ""
 
     @property
     def dimension(self) -> int:
@@ -116,6 +128,26 @@ def _cifar10(steps: int, every: int, samples: int) -> Regime:
             "--dataset_name", "cifar10", "--image_column", "img", "--random_flip",
             "--model_config_name_or_path", str(CIFAR10_UNET_CONFIG),
         ),
+    )
+
+
+def _digits16_cm(steps: int, every: int, samples: int, inference_steps: int) -> Regime:
+    return Regime(
+        f"digits16_cm{inference_steps}", "images",
+        f"digits upsampled to 16x16 (D=256), consistency training (iCT), UNet 16,32, {inference_steps}-step sampling",
+        16, 1, max_train_steps=steps, checkpointing_steps=every, train_batch_size=64, learning_rate=1e-3,
+        num_samples=samples, num_inference_steps=inference_steps, metric="digits_fd", unet_block_out_channels="16,32",
+        lr_warmup_steps=min(50, steps // 4), train_script="train_consistency.py", sampler="consistency",
+        run_group="digits16_cm",
+    )
+
+
+def _digits16_flow(steps: int, every: int, samples: int, inference_steps: int) -> Regime:
+    return Regime(
+        "digits16_flow", "images", "digits upsampled to 16x16 (D=256), rectified flow matching, UNet 16,32, Euler sampling",
+        16, 1, max_train_steps=steps, checkpointing_steps=every, train_batch_size=64, learning_rate=1e-3,
+        num_samples=samples, num_inference_steps=inference_steps, metric="digits_fd", unet_block_out_channels="16,32",
+        lr_warmup_steps=min(50, steps // 4), train_script="train_flow_matching.py", sampler="flow_euler",
     )
 
 
@@ -137,6 +169,9 @@ PRESETS: dict[str, dict[str, Regime]] = {
             num_samples=256, num_inference_steps=10, metric="digits_fd", unet_block_out_channels="16,32,32,64",
         ),
         "cifar10": _cifar10(steps=20000, every=2500, samples=10000),
+        "digits16_cm1": _digits16_cm(steps=600, every=100, samples=450, inference_steps=1),
+        "digits16_cm2": _digits16_cm(steps=600, every=100, samples=450, inference_steps=2),
+        "digits16_flow": _digits16_flow(steps=600, every=100, samples=450, inference_steps=10),
     },
     "quick": {
         "toy2d": Regime(
@@ -157,9 +192,16 @@ PRESETS: dict[str, dict[str, Regime]] = {
             lr_warmup_steps=10,
         ),
         "cifar10": _cifar10(steps=2000, every=500, samples=2000),
+        "digits16_cm1": _digits16_cm(steps=150, every=75, samples=256, inference_steps=1),
+        "digits16_cm2": _digits16_cm(steps=150, every=75, samples=256, inference_steps=2),
+        "digits16_flow": _digits16_flow(steps=150, every=75, samples=256, inference_steps=5),
     },
 }
 DEFAULT_REGIMES = ("toy2d", "digits8", "digits32")
+# Names on the command line that stand for several regimes.
+REGIME_ALIASES = {"digits16_cm": ("digits16_cm1", "digits16_cm2")}
+# Settings that only change how checkpoints are evaluated: left out of a shared run's folder hash.
+EVALUATION_FIELDS = ("name", "description", "num_samples", "num_inference_steps", "metric", "sampler", "run_group")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +346,20 @@ def toy_anchors(data: ToyData, num_samples: int, seed: int) -> dict[str, float]:
 
 
 def training_arguments(regime: Regime, method: str, seed: int, knn_k: int, run_dir: Path) -> list[str]:
-    """The training script's command line for one run (the same for every method but ``--assignment``)."""
+    """The training script's command line for one run (the same for every method but ``--assignment``).
+
+    The script's own sample grids are not used here: they are made rare and cheap, with the flags each
+    script accepts (train_consistency.py and train_flow_matching.py reject the DDPM-only ones).
+    """
+    if regime.train_script == "train_consistency.py":
+        grids = ["--validation_steps", "1000000", "--save_model_epochs", "1000000"]
+    elif regime.train_script == "train_flow_matching.py":
+        grids = ["--num_inference_steps", "10", "--save_images_epochs", "1000000", "--save_model_epochs", "1000000"]
+    else:
+        grids = [
+            "--eval_scheduler", "ddim", "--ddpm_num_inference_steps", "10",
+            "--save_images_epochs", "1000000", "--save_model_epochs", "1000000",
+        ]
     args = [
         "--output_dir", str(run_dir),
         "--resolution", str(regime.resolution),
@@ -319,9 +374,7 @@ def training_arguments(regime: Regime, method: str, seed: int, knn_k: int, run_d
         "--seed", str(seed),
         "--assignment", method,
         "--knn_k", str(knn_k),
-        # Sample grids are not used here: make the script's own grids rare and cheap.
-        "--eval_scheduler", "ddim", "--ddpm_num_inference_steps", "10",
-        "--save_images_epochs", "1000000", "--save_model_epochs", "1000000",
+        *grids,
         "--resume_from_checkpoint", "latest",
     ]
     if regime.unet_block_out_channels:
@@ -384,13 +437,26 @@ def train_log_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def regime_train_script(regime: Regime, args: argparse.Namespace) -> Path:
+    """The training script of an image regime: its own, or ``--train_script``."""
+    return REPO_ROOT / "training_scripts" / regime.train_script if regime.train_script else Path(args.train_script)
+
+
 def image_run(
     regime: Regime, method: str, seed: int, args: argparse.Namespace, metric, progress: bool
 ) -> dict[str, Any]:
     """Train (or reuse) one run of an image regime and evaluate all its checkpoints (or reuse that too)."""
     # The folder name carries a hash of the settings, so runs with other settings never overwrite these.
-    settings_hash = hashlib.sha256(json.dumps([asdict(regime), args.knn_k, args.train_script]).encode()).hexdigest()[:8]
-    run_dir = Path(args.runs_dir) / regime.name / f"{METHOD_NAMES[method]}-seed{seed}-{settings_hash}"
+    train_script = regime_train_script(regime, args)
+    if regime.train_script or regime.run_group:
+        # The hash leaves the evaluation-only settings out: regimes evaluating the same runs differently share them.
+        settings = {key: value for key, value in asdict(regime).items() if key not in EVALUATION_FIELDS}
+        settings_hash = hashlib.sha256(json.dumps([settings, args.knn_k, str(train_script)]).encode()).hexdigest()[:8]
+    else:
+        # The original regimes hash exactly what they always did, so their earlier runs are still reused.
+        settings = {key: value for key, value in asdict(regime).items() if key not in ("train_script", "sampler", "run_group")}
+        settings_hash = hashlib.sha256(json.dumps([settings, args.knn_k, args.train_script]).encode()).hexdigest()[:8]
+    run_dir = Path(args.runs_dir) / (regime.run_group or regime.name) / f"{METHOD_NAMES[method]}-seed{seed}-{settings_hash}"
     train_args = training_arguments(regime, method, seed, args.knn_k, run_dir)
     record_path = run_dir / "speedup_run.json"
     reused = run_is_complete(run_dir, train_args, regime.max_train_steps)
@@ -400,19 +466,20 @@ def image_run(
             shutil.rmtree(run_dir)  # the same folder with other flags (another --launcher, say): start over
         run_dir.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps({"args": train_args, "finished": False}, indent=2))
-        seconds = run_training(train_args, run_dir, args.launcher, Path(args.train_script), args.num_threads)
+        seconds = run_training(train_args, run_dir, args.launcher, train_script, args.num_threads)
         record_path.write_text(json.dumps({"args": train_args, "finished": True, "train_seconds": seconds}, indent=2))
     record = json.loads(record_path.read_text())
 
     eval_settings = {
         "metric": regime.metric, "num_samples": regime.num_samples, "num_inference_steps": regime.num_inference_steps,
-        "seed": args.eval_seed, "scheduler": "ddim", "use_ema": True,
+        "seed": args.eval_seed, "scheduler": regime.sampler, "use_ema": True,
     }
-    eval_path = run_dir / "speedup_eval.json"
+    # Each regime sharing the run keeps its own evaluation cache.
+    eval_path = run_dir / (f"speedup_eval-{regime.name}.json" if regime.run_group else "speedup_eval.json")
     cached = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
     if cached.get("settings") != eval_settings:
         results = evaluate_runs(
-            [run_dir], metrics=[metric], scheduler="ddim", num_inference_steps=regime.num_inference_steps,
+            [run_dir], metrics=[metric], scheduler=regime.sampler, num_inference_steps=regime.num_inference_steps,
             num_samples=regime.num_samples, seed=args.eval_seed, batch_size=args.eval_batch_size, use_ema=True,
             device=args.device, progress=progress,
         )
@@ -580,7 +647,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "Protocol: every method is trained with the same seeds — the same batches, the same noise before "
         "assignment, the same initial weights (checked: the batch and noise fingerprints of train_log.csv agree) — "
         "and a constant learning rate after warmup, with EMA weights. Every checkpoint is sampled with DDIM "
-        "(eta = 0) from the same starting noise and scored (lower is better). The target q(f) is vanilla's "
+        "(eta = 0; digits16_cm1/2: the consistency model's 1- or 2-step sampling; digits16_flow: Euler) from the same starting noise and scored (lower is better). The target q(f) is vanilla's "
         "seed-mean quality at the fraction f of the budget; the ratio is the steps vanilla's seed-mean curve needs "
         "to reach it divided by the steps the method's seed-mean curve needs (linear interpolation between "
         "checkpoints; >1 means fewer steps than vanilla). In brackets: the ratio of each seed pair; a curve that "
@@ -745,7 +812,12 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         "--runs_dir", default=None, help=f"Where the training runs go (default: {DEFAULT_RUNS_DIR.relative_to(REPO_ROOT)}/ in the repository)."
     )
     parser.add_argument("--quick", action="store_true", help="Short runs (a few minutes on 2 CPU cores): a smoke test, not a result.")
-    parser.add_argument("--regimes", nargs="+", default=list(DEFAULT_REGIMES), choices=list(PRESETS["full"]))
+    parser.add_argument(
+        "--regimes", nargs="+", default=list(DEFAULT_REGIMES), choices=[*PRESETS["full"], *REGIME_ALIASES],
+        help="Regimes to run (default: %(default)s). Not in the default: cifar10 (GPU), digits16_flow (flow matching, "
+        "Euler sampling) and digits16_cm (consistency training, = digits16_cm1 and digits16_cm2: 1- and 2-step "
+        "sampling of the same runs).",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="'none' (vanilla) is required.")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Training seeds (default: 0 1 2; --quick: 0 1).")
     parser.add_argument("--knn_k", type=int, default=4, help="Candidates per image for the KNN method.")
@@ -759,7 +831,10 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     overrides.add_argument("--train_batch_size", type=int, default=None)
     overrides.add_argument("--learning_rate", type=float, default=None)
     overrides.add_argument("--num_samples", type=int, default=None, help="Samples per checkpoint.")
-    overrides.add_argument("--num_inference_steps", type=int, default=None, help="DDIM steps per sample.")
+    overrides.add_argument(
+        "--num_inference_steps", type=int, default=None,
+        help="Sampling steps per sample (DDIM; Euler for digits16_flow). Not applied to digits16_cm1/2 (1 and 2 steps).",
+    )
     overrides.add_argument("--unet_block_out_channels", default=None, help="UNet widths of the digits regimes, e.g. 16,16.")
     data = parser.add_argument_group("cifar10 regime")
     data.add_argument("--dataset_name", default=None, help="Replace CIFAR-10 by another Hub dataset or local dataset folder.")
@@ -787,6 +862,8 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     running.add_argument("--eval_batch_size", type=int, default=512, help="Images sampled per forward pass.")
     running.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
     args = parser.parse_args(input_args)
+    expanded = [name for alias in args.regimes for name in REGIME_ALIASES.get(alias, (alias,))]
+    args.regimes = list(dict.fromkeys(expanded))
     if "none" not in args.methods:
         parser.error("--methods must include 'none': the ratios are against vanilla training")
     if args.seeds is None:
@@ -811,7 +888,7 @@ def selected_regimes(args: argparse.Namespace) -> list[Regime]:
         changes = {
             key: getattr(args, key)
             for key in ("max_train_steps", "checkpointing_steps", "train_batch_size", "learning_rate", "num_samples", "num_inference_steps")
-            if getattr(args, key) is not None
+            if getattr(args, key) is not None and not (key == "num_inference_steps" and regime.sampler == "consistency")
         }
         if args.unet_block_out_channels and regime.kind == "images" and name != "cifar10":
             changes["unet_block_out_channels"] = args.unet_block_out_channels

@@ -145,3 +145,43 @@ def test_quick_mode_runs_end_to_end_on_a_tiny_configuration(speedup, tmp_path, m
     assert report["reused_runs"] == 0 and again["reused_runs"] == again["total_runs"] == 12
     assert again["regimes"][0]["curves"] == report["regimes"][0]["curves"]
     assert "reused 12 of 12 runs" in (out / "speedup.md").read_text()
+
+
+@pytest.mark.slow
+def test_consistency_and_flow_regimes_run_end_to_end(speedup, tmp_path, monkeypatch):
+    """digits16_cm (1- and 2-step sampling of the same consistency runs) and digits16_flow, tiny."""
+    monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    args = [
+        "--quick", "--output_dir", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"),
+        "--regimes", "digits16_cm", "digits16_flow", "--methods", "none", "linear", "--seeds", "0",
+        "--max_train_steps", "4", "--checkpointing_steps", "2", "--train_batch_size", "16",
+        "--num_samples", "16", "--num_inference_steps", "2", "--unet_block_out_channels", "8,16", "--no_progress",
+    ]
+    parsed = speedup.parse_args(args)
+    assert parsed.regimes == ["digits16_cm1", "digits16_cm2", "digits16_flow"]
+    regimes = {r.name: r for r in speedup.selected_regimes(parsed)}
+    assert regimes["digits16_cm1"].num_inference_steps == 1 and regimes["digits16_cm2"].num_inference_steps == 2
+    assert regimes["digits16_flow"].sampler == "flow_euler"
+    for name, script in (("digits16_cm1", "train_consistency.py"), ("digits16_flow", "train_flow_matching.py")):
+        flags = speedup.training_arguments(regimes[name], "none", 0, 4, tmp_path / "x")
+        assert "--eval_scheduler" not in flags and "--ddpm_num_inference_steps" not in flags
+        assert regimes[name].train_script == script
+    try:
+        report = speedup.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "out" / "speedup.csv", newline="") as handle:
+        points = list(csv.DictReader(handle))
+    # 3 regimes x 2 methods x 1 seed x 2 checkpoints
+    assert {(p["regime"], p["method"]) for p in points} == {
+        (r, m) for r in ("digits16_cm1", "digits16_cm2", "digits16_flow") for m in ("vanilla", "linear")
+    }
+    assert len(points) == 12 and all(p["value"] not in ("", "nan") for p in points)
+    # 1- and 2-step sampling evaluate the same consistency runs: trained once, each cached separately.
+    run_dirs = sorted((tmp_path / "runs" / "digits16_cm").iterdir())
+    assert len(run_dirs) == 2 and not (tmp_path / "runs" / "digits16_cm1").exists()
+    for run_dir in run_dirs:
+        assert (run_dir / "speedup_eval-digits16_cm1.json").is_file() and (run_dir / "speedup_eval-digits16_cm2.json").is_file()
+    assert report["reused_runs"] == 2  # digits16_cm2 found digits16_cm1's finished runs
+    assert report["same_batches"] == "yes"

@@ -263,10 +263,12 @@ def test_sampler_registry_picks_by_pipeline_class(tmp_path):
     assert resolve_sampler(run, "ddpm").name == "ddpm"
     with pytest.raises(ValueError, match="--scheduler must be one of"):
         resolve_sampler(run, "euler")
-    alien = RunInfo(tmp_path, "alien", "ConsistencyModelPipeline", {}, {})
+    for pipeline_class, sampler in (("ConsistencyModelPipeline", "consistency"), ("FlowMatchingPipeline", "flow_euler")):
+        assert resolve_sampler(RunInfo(tmp_path, "run", pipeline_class, {}, {}), None).name == sampler
+    alien = RunInfo(tmp_path, "alien", "StableDiffusionPipeline", {}, {})
     with pytest.raises(ValueError, match="no default sampler"):
         resolve_sampler(alien, None)
-    with pytest.raises(ValueError, match="holds a ConsistencyModelPipeline"):
+    with pytest.raises(ValueError, match="holds a StableDiffusionPipeline"):
         resolve_sampler(alien, "ddim")
 
 

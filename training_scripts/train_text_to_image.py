@@ -61,6 +61,7 @@ from immiscible_diffusers.training import (
     checkpoint_step,
     non_negative_int,
     positive_int,
+    reseed_assignment_generator,
     remove_partial_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -945,11 +946,20 @@ def main(args: argparse.Namespace) -> None:
         batches = train_dataloader
         if epoch == first_epoch and resume_batches > 0:
             batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
+        micro_step = 0  # micro-batches of the current optimizer step so far (gradient accumulation)
         for batch in batches:
+            if args.seed is not None:
+                # KNN candidates that depend on where the run is, not on what it drew before: exact resumes,
+                # and each process keeps its own candidates after a multi-process resume.
+                reseed_assignment_generator(
+                    knn_generator, args.seed, accelerator.process_index, step=global_step, micro_step=micro_step
+                )
+            micro_step += 1
             with accelerator.accumulate(unet):
                 step = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, args, weight_dtype, knn_generator)
                 accelerator.backward(step.loss)
                 if accelerator.sync_gradients:
+                    micro_step = 0
                     accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()

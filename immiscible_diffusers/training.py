@@ -164,7 +164,7 @@ def assignment_generator(
 
 
 def reseed_assignment_generator(
-    generator: torch.Generator, seed: int, process_index: int, step: int, micro_step: int = 0
+    generator: torch.Generator, seed: int, process_index: int, step: int, micro_step: int = 0, stream: str = "assignment"
 ) -> torch.Generator:
     """Seed ``generator`` (in place) from ``(seed, process_index, step, micro_step)`` alone; return it.
 
@@ -172,12 +172,13 @@ def reseed_assignment_generator(
     what was drawn before: a run resumed from a checkpoint draws exactly what an uninterrupted one would,
     on every process, with no generator state to save (accelerate saves registered objects from the main
     process only, so a saved state would give every process the main one's). ``micro_step`` counts the
-    micro-batches of one optimizer step (gradient accumulation).
+    micro-batches of one optimizer step (gradient accumulation); ``stream`` keeps generators that are
+    reseeded at the same place (a script's noise and its KNN candidates, say) independent.
     """
     for name, value in (("process_index", process_index), ("step", step), ("micro_step", micro_step)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    key = f"immiscible-assignment:{seed}:{process_index}:{step}:{micro_step}".encode()
+    key = f"immiscible-{stream}:{seed}:{process_index}:{step}:{micro_step}".encode()
     # A hash, not a sum: nearby (process, step) pairs must not share seeds, nor meet the global stream's seed.
     generator.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
     return generator

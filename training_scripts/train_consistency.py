@@ -93,6 +93,7 @@ from immiscible_diffusers.training import (
     non_negative_int,
     positive_int,
     remove_partial_checkpoints,
+    reseed_assignment_generator,
     resolve_resume_checkpoint,
     save_checkpoint,
     save_training_config,
@@ -939,9 +940,19 @@ def main(args: argparse.Namespace) -> None:
         batches = train_dataloader
         if epoch == first_epoch and resume_batches > 0:
             batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
+        micro_step = 0  # micro-batches of the current optimizer step so far (gradient accumulation)
         for batch in batches:
             clean_images = batch["input"]
             class_labels = batch.get("class_labels")
+            if args.seed is not None:
+                # Draws that depend on where the run is: accelerate restores registered generators from the
+                # main process only, so without this every process would resume with rank 0's noise.
+                for generator, stream in ((noise_generator, "consistency-noise"), (knn_generator, "assignment")):
+                    if generator is not None:
+                        reseed_assignment_generator(
+                            generator, args.seed, accelerator.process_index, global_step, micro_step, stream=stream
+                        )
+            micro_step += 1
             with accelerator.accumulate(model):
                 step = compute_loss(
                     model,
@@ -956,6 +967,7 @@ def main(args: argparse.Namespace) -> None:
                 )
                 accelerator.backward(step.loss)
                 if accelerator.sync_gradients:
+                    micro_step = 0
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()

@@ -30,7 +30,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from diffusers import UNet2DModel
 from PIL import Image
 
 from .assignment import COST_DTYPES, DEFAULT_BLOCK_SIZE, DISTANCES, METHODS, SCOPES, AssignmentStats
@@ -575,3 +577,44 @@ def check_batch_size(num_examples: int, train_batch_size: int, num_processes: in
             f"--train_batch_size {train_batch_size}{where} needs at least {needed} training examples (incomplete "
             f"batches are dropped, so every assignment sees a full batch), but the dataset has {num_examples}"
         )
+
+
+def build_unet(args: argparse.Namespace) -> UNet2DModel:
+    """The UNet to train: from --model_config_name_or_path, else a small default sized by the --unet_* flags."""
+    if args.model_config_name_or_path is not None:
+        source = args.model_config_name_or_path
+        looks_like_a_path = os.path.sep in source or source.endswith(".json") or source.startswith(".")
+        if looks_like_a_path and not os.path.exists(source):
+            raise ValueError(f"--model_config_name_or_path {source!r} does not exist")
+        config = UNet2DModel.load_config(source)
+        if args.num_channels is not None and args.num_channels != config["in_channels"]:
+            raise ValueError(
+                f"--num_channels {args.num_channels} does not match the model config's in_channels "
+                f"{config['in_channels']}"
+            )
+        check_unet_resolution(args.resolution, config["down_block_types"])
+        return UNet2DModel.from_config(config, sample_size=args.resolution)
+
+    widths = args.unet_block_out_channels
+    levels = len(widths)
+    check_unet_resolution(args.resolution, ["DownBlock2D"] * levels)
+    num_channels = args.num_channels or (1 if args.dataset_name is None and args.train_data_dir is None else 3)
+    # Attention only at the coarsest level, where it is cheap; GroupNorm groups must divide every width.
+    return UNet2DModel(
+        sample_size=args.resolution,
+        in_channels=num_channels,
+        out_channels=num_channels,
+        layers_per_block=args.unet_layers_per_block,
+        block_out_channels=widths,
+        down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+        norm_num_groups=math.gcd(32, *widths),
+    )
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image as a uint8 (C, H, W) tensor, for tensorboard."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)

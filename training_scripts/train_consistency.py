@@ -80,6 +80,7 @@ from immiscible_diffusers.data import (
 from immiscible_diffusers.hub import create_hub_repo, push_output_dir
 from immiscible_diffusers.model_card import training_card_metadata, write_model_card
 from immiscible_diffusers.training import (
+    pil_to_tensor,
     CheckpointableGenerator,
     StepAccumulator,
     TrainLog,
@@ -922,7 +923,7 @@ def main(args: argparse.Namespace) -> None:
         grid.save(path)
         if args.logger == "tensorboard":
             tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-            tracker.add_image("samples", _pil_to_tensor(grid), step)
+            tracker.add_image("samples", pil_to_tensor(grid), step)
         return path
 
     train_log = TrainLog(output_dir, accelerator, resume_step=global_step)
@@ -1051,12 +1052,6 @@ def main(args: argparse.Namespace) -> None:
             logger.info(f"Pushed to {url}")
     accelerator.end_training()
 
-
-def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -67,6 +66,8 @@ from immiscible_diffusers.flow_matching import (
 from immiscible_diffusers.hub import create_hub_repo, push_output_dir
 from immiscible_diffusers.model_card import training_card_metadata, write_model_card
 from immiscible_diffusers.training import (
+    build_unet,
+    pil_to_tensor,
     CheckpointableGenerator,
     StepAccumulator,
     TrainLog,
@@ -74,7 +75,6 @@ from immiscible_diffusers.training import (
     assignment_generator,
     assignment_kwargs,
     check_batch_size,
-    check_unet_resolution,
     checkpoint_step,
     ema_weights_swapped_in,
     non_negative_int,
@@ -306,39 +306,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         using_digits = args.dataset_name is None and args.train_data_dir is None
         args.resolution = DIGITS_DEFAULT_RESOLUTION if using_digits else 64
     return args
-
-
-def build_unet(args: argparse.Namespace) -> UNet2DModel:
-    """The UNet to train: from --model_config_name_or_path, else a small default sized by the --unet_* flags."""
-    if args.model_config_name_or_path is not None:
-        source = args.model_config_name_or_path
-        looks_like_a_path = os.path.sep in source or source.endswith(".json") or source.startswith(".")
-        if looks_like_a_path and not os.path.exists(source):
-            raise ValueError(f"--model_config_name_or_path {source!r} does not exist")
-        config = UNet2DModel.load_config(source)
-        if args.num_channels is not None and args.num_channels != config["in_channels"]:
-            raise ValueError(
-                f"--num_channels {args.num_channels} does not match the model config's in_channels "
-                f"{config['in_channels']}"
-            )
-        check_unet_resolution(args.resolution, config["down_block_types"])
-        return UNet2DModel.from_config(config, sample_size=args.resolution)
-
-    widths = args.unet_block_out_channels
-    levels = len(widths)
-    check_unet_resolution(args.resolution, ["DownBlock2D"] * levels)
-    num_channels = args.num_channels or (1 if args.dataset_name is None and args.train_data_dir is None else 3)
-    # Attention only at the coarsest level, where it is cheap; GroupNorm groups must divide every width.
-    return UNet2DModel(
-        sample_size=args.resolution,
-        in_channels=num_channels,
-        out_channels=num_channels,
-        layers_per_block=args.unet_layers_per_block,
-        block_out_channels=widths,
-        down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
-        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
-        norm_num_groups=math.gcd(32, *widths),
-    )
 
 
 @dataclass
@@ -704,7 +671,7 @@ def main(args: argparse.Namespace) -> None:
         path = save_sample_grid(images, output_dir, step)
         if args.logger == "tensorboard":
             tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-            tracker.add_images("samples", torch.stack([_pil_to_tensor(image) for image in images]), step)
+            tracker.add_images("samples", torch.stack([pil_to_tensor(image) for image in images]), step)
         return path
 
     train_log = TrainLog(output_dir, accelerator, resume_step=global_step)
@@ -812,12 +779,6 @@ def main(args: argparse.Namespace) -> None:
             logger.info(f"Pushed to {url}")
     accelerator.end_training()
 
-
-def _pil_to_tensor(image) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 if __name__ == "__main__":

@@ -230,8 +230,6 @@ def test_bad_tensors_name_the_argument():
     samples, noise = _ok()
     with pytest.raises(ValueError, match="noise must have the shape"):
         assign_noise(samples, noise[:3])
-    with pytest.raises(TypeError, match="noise must have the dtype"):
-        assign_noise(samples, noise.double())
     with pytest.raises(ValueError, match="noise must be on the device"):
         assign_noise(samples, noise.to("meta"))
     with pytest.raises(ValueError, match="samples must have a batch dimension"):

@@ -191,9 +191,10 @@ def test_knn_drop_in_assigns_once_for_teacher_and_student():
     after_first = noise.clone()
     scheduler.add_noise(clean, noise, scheduler.timesteps[1:17])
     assert torch.equal(noise, after_first), "the second noising of the same tensor must not draw new candidates"
-    noise.mul_(1.0)  # an in-place change makes it a new noise tensor: assigned again
+    noise.normal_()  # refilled in place: new noise, assigned again
+    refilled = noise.clone()
     scheduler.add_noise(clean, noise, timesteps)
-    assert not torch.equal(noise, after_first)
+    assert not torch.equal(noise, refilled)
 
 
 def test_drop_in_switch_off_for_inference():

@@ -115,8 +115,8 @@ class ImmiscibleNoiseScheduler:
 
     Drop-in rules (``drop_in_assignment=True`` and ``assignment != "none"``):
 
-    - **The tensor you pass to add_noise / scale_noise / get_velocity is assigned in place; build your
-      target from that tensor.** A tensor derived from it before the call is not assigned.
+    - The guarantee: **the tensor you pass to add_noise / scale_noise / get_velocity is assigned in place;
+      build your target from that tensor.** A tensor derived from it before the call is not assigned.
     - Whichever of those methods sees a (samples, noise) pair first assigns it; a later call with the same
       samples and that same assigned noise reuses the pairing (no second assignment, no new KNN
       candidates), so ``get_velocity`` before or after ``add_noise`` gives a target that matches the input.
@@ -209,7 +209,8 @@ class ImmiscibleNoiseScheduler:
                 "tensor it returned; the drop-in would assign a second time. Pass the returned tensor, or build "
                 "the scheduler with drop_in_assignment=False when you assign explicitly"
             )
-        other_input = [p for p in same_samples if p.role == "input" and p.noise_ref() not in (None, noise)]
+        live = [p.noise_ref() for p in same_samples if p.role == "input"]
+        other_input = [tensor for tensor in live if tensor is not None and tensor is not noise]
         if role == "target" and other_input:
             warnings.warn(
                 f"{method} got noise other than the tensor add_noise/scale_noise assigned for the same samples: "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from diffusers import DDPMScheduler
 
 from assignment import CLOCKS, time_interleaved  # benchmarks/assignment.py, next to this script
 from immiscible_diffusers import ImmiscibleDDPMScheduler, assign_noise
-from immiscible_diffusers.provenance import provenance, provenance_markdown
+from immiscible_diffusers.provenance import command_line, provenance, provenance_markdown
 from immiscible_diffusers.schedulers import _fingerprint
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dropin_overhead"
@@ -110,7 +111,8 @@ def markdown(args: argparse.Namespace, ms: dict[str, float], headline: dict[str,
     return f"""# Drop-in scheduler overhead (B={args.batch_size}, D={dim})
 
 {provenance_markdown(record)}
-- settings: per-sample shape {tuple(args.shape)}, median of {args.repeats} interleaved rounds ({args.clock} clock), linear assignment, float32 cost
+- settings: per-sample shape {tuple(args.shape)}, median of {args.repeats} interleaved rounds ({args.clock} clock), \
+{torch.get_num_threads()} torch thread(s), linear assignment, float32 cost
 
 | operation | ms |
 |---|---:|
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     ms = measure(args)
     headline = summarise(ms)
-    record = provenance()
+    threads = os.environ.get("OMP_NUM_THREADS")
+    record = provenance(f"OMP_NUM_THREADS={threads} {command_line()}" if threads else None)
     report = markdown(args, ms, headline, record)
     print(report)
     if args.output is not None:

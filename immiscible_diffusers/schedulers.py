@@ -217,7 +217,7 @@ class ImmiscibleNoiseScheduler:
                 "each tensor is assigned on its own, so this target does not match that model input. Build the "
                 "input and the target from the same tensor (docs/drop-in.md)",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
         if noise.requires_grad:
             raise ValueError(
@@ -230,6 +230,11 @@ class ImmiscibleNoiseScheduler:
                 "materialised tensor (noise.clone()) or use scheduler.assign_noise(samples, noise)"
             )
         return samples_print, self._assign(samples, noise)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_immiscible_pairings", None)  # weakrefs do not pickle; a copy starts without pairings
+        return state
 
     @contextlib.contextmanager
     def drop_in_assignment_disabled(self) -> Iterator[None]:

@@ -421,3 +421,18 @@ def test_drop_in_rejects_meta_tensors_clearly():
     meta = torch.empty(4, 3, 8, 8, device="meta")
     with pytest.raises(ValueError, match="meta tensors"):
         scheduler.add_noise(meta, torch.empty_like(meta), torch.zeros(4, dtype=torch.long, device="meta"))
+
+
+def test_a_scheduler_that_paired_noise_still_pickles_and_deep_copies():
+    import copy
+    import pickle
+
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100)
+    clean, noise = _batch()
+    scheduler.add_noise(clean, noise, torch.zeros(16, dtype=torch.long))
+    for clone in (pickle.loads(pickle.dumps(scheduler)), copy.deepcopy(scheduler)):
+        assert clone.config == scheduler.config
+        fresh = torch.randn(noise.shape)
+        expected = assign_noise(clean, fresh)
+        clone.add_noise(clean, fresh, torch.zeros(16, dtype=torch.long))
+        assert torch.equal(fresh, expected)

@@ -9,6 +9,7 @@ caller trains on the *returned* noise: it is both the noising input and the trai
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -70,6 +71,8 @@ def validate_assignment_options(
         if cost_dtype not in COST_DTYPES.values():
             raise ValueError(f"cost_dtype must be one of {tuple(COST_DTYPES)}, got {cost_dtype}")
         return cost_dtype
+    if not isinstance(cost_dtype, str):
+        raise TypeError(f"cost_dtype must be a str or torch.dtype, one of {tuple(COST_DTYPES)}, got {cost_dtype!r}")
     if cost_dtype not in COST_DTYPES:
         raise ValueError(f"cost_dtype must be one of {tuple(COST_DTYPES)}, got {cost_dtype!r}")
     return COST_DTYPES[cost_dtype]
@@ -85,10 +88,14 @@ def _validate_tensors(samples: torch.Tensor, noise: torch.Tensor, generator: tor
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if samples.shape != noise.shape:
         raise ValueError(f"noise must have the shape of samples {tuple(samples.shape)}, got {tuple(noise.shape)}")
-    if samples.dtype != noise.dtype:
-        raise TypeError(f"noise must have the dtype of samples ({samples.dtype}), got {noise.dtype}")
+    # Mixed float dtypes are fine (diffusers' add_noise accepts fp16 samples with fp32 noise): the cost is
+    # computed in float32/cost_dtype from both, and the result keeps the noise's dtype.
     if samples.device != noise.device:
         raise ValueError(f"noise must be on the device of samples ({samples.device}), got {noise.device}")
+    if samples.device.type == "meta":
+        raise ValueError("samples and noise are meta tensors (no data); assignment needs their values")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != noise.device.type:
         raise ValueError(f"generator must be on the device type of noise ({noise.device.type}), got {generator.device}")
     for name, value in (("samples", samples), ("noise", noise)):
@@ -121,7 +128,13 @@ def cost_matrix(
         squared = x.pow(2).sum(1, keepdim=True) + n.pow(2).sum(1)[None, :] - 2.0 * inner
         cost = squared.clamp_min_(0.0).sqrt_()
     if not bool(torch.isfinite(cost).all()):
-        raise ValueError(f"the {cost_dtype} cost matrix overflowed; use cost_dtype='float32'")
+        if cost_dtype != torch.float32:
+            raise ValueError(f"the {cost_dtype} cost matrix overflowed; use cost_dtype='float32'")
+        largest = max(float(samples.detach().abs().max()), float(noise.detach().abs().max()))
+        raise ValueError(
+            f"the float32 cost matrix overflowed (largest |value| in samples/noise: {largest:.3g}); "
+            "rescale the samples to a range float32 can square, such as [-1, 1]"
+        )
     return cost
 
 
@@ -194,10 +207,44 @@ def _global_linear_assignment(
     return world_noise[perm[start : start + samples.shape[0]]]
 
 
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None where we cannot tell)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_knn_memory(noise: torch.Tensor, knn_k: int, cost_dtype: torch.dtype) -> None:
+    """Refuse a ``knn_k`` whose candidates cannot fit, before allocating them (an OOM helps nobody)."""
+    # Peak of _knn_assignment: the k-1 draws, their concatenation with `noise`, the scaled float32 copy,
+    # its cost_dtype copy and the float32 squares: all k x noise.numel() elements.
+    per_element = 2 * noise.element_size() + 8 + torch.empty((), dtype=cost_dtype).element_size()
+    needed = knn_k * noise.numel() * per_element
+    available = _available_memory(noise.device)
+    if available is not None and needed > available:
+        raise ValueError(
+            f"knn_k={knn_k} needs about {needed / 2**30:.1f} GiB for the candidates of a noise batch of shape "
+            f"{tuple(noise.shape)}, but only {available / 2**30:.1f} GiB is available on {noise.device}; lower knn_k"
+        )
+
+
 def _knn_assignment(
     samples: torch.Tensor, noise: torch.Tensor, knn_k: int, cost_dtype: torch.dtype, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Per sample, the nearest of ``knn_k`` candidates: ``noise`` itself plus ``knn_k - 1`` fresh draws."""
+    _check_knn_memory(noise, knn_k, cost_dtype)
     batch = samples.shape[0]
     extra = torch.randn((knn_k - 1, *noise.shape), generator=generator, device=noise.device, dtype=noise.dtype)
     candidates = torch.cat([noise[None], extra]).reshape(knn_k, batch, -1)
@@ -231,7 +278,7 @@ def assign_noise(
 
     Args:
         samples: clean samples (images or latents), shape ``(B, ...)``.
-        noise: Gaussian noise of the same shape, dtype and device. Never modified.
+        noise: Gaussian noise of the same shape and device (any float dtype; the result keeps it). Never modified.
         method: ``"linear"`` — exact linear assignment minimising the total distance; the result is
             a permutation of ``noise``, so the batch stays exactly Gaussian as a multiset.
             ``"knn"`` — per sample, the nearest of ``knn_k`` candidates (``noise`` and ``knn_k - 1``
@@ -252,6 +299,8 @@ def assign_noise(
     """
     dtype = validate_assignment_options(method, distance, cost_dtype, knn_k, scope, block_size)
     _validate_tensors(samples, noise, generator)
+    if noise.numel() == 0:  # no samples, or samples without values: there is nothing to pair
+        return (noise, AssignmentStats(0.0, 0.0)) if return_stats else noise
     with torch.no_grad():
         if method == "knn" and knn_k > 1:
             assigned = _knn_assignment(samples, noise, knn_k, dtype, generator)

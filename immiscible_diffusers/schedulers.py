@@ -1,17 +1,23 @@
 """Diffusers schedulers with immiscible noise assignment.
 
-``make_immiscible(SchedulerClass)`` returns a subclass whose config carries the assignment settings
-and whose ``add_noise`` / ``scale_noise`` assign the caller's noise tensor *in place* before noising.
-That is what makes an unmodified diffusers training step correct::
+``make_immiscible(SchedulerClass)`` returns a subclass whose config carries the assignment settings and
+whose ``add_noise`` / ``scale_noise`` / ``get_velocity`` assign the caller's noise tensor *in place* before
+using it. That is what makes an unmodified diffusers training step correct::
 
     noise = torch.randn_like(x)
     noisy = scheduler.add_noise(x, noise, t)   # `noise` now holds the assigned noise
     loss = mse(model(noisy, t), noise)         # ... so the target is the assigned noise too
 
-Inference pipelines (img2img, inpainting) call ``add_noise`` as well: turn the drop-in assignment
-off with ``drop_in_assignment=False`` in the config, or temporarily with
-``with scheduler.drop_in_assignment_disabled(): ...``. ``scheduler.assign_noise(x, noise)`` is the
-explicit one-line API and works whatever the switch says.
+The guarantee, exactly: **the tensor you pass to add_noise / scale_noise / get_velocity is assigned in
+place; build your target from that tensor.** A tensor derived from it *before* the call (``noise.clone()``,
+``noise + perturbation``, ``noise.half()``) is a different tensor, and the scheduler cannot know that the
+target comes from the original. Scripts that noise without calling these methods (SD3/Flux-style flow
+matching, consistency training with its own ``x + sigma * z``) are not covered at all: add one explicit
+``noise = scheduler.assign_noise(x, noise)`` (or ``immiscible_diffusers.assign_noise``). docs/drop-in.md
+gives the line(s) for each official diffusers example.
+
+Inference pipelines (img2img, inpainting) call ``add_noise`` as well: turn the drop-in assignment off with
+``drop_in_assignment=False`` in the config, or temporarily with ``with scheduler.drop_in_assignment_disabled():``.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import warnings
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +43,13 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin
 
-from .assignment import DEFAULT_BLOCK_SIZE, AssignmentStats, assign_noise, validate_assignment_options
+from .assignment import (
+    COST_DTYPES,
+    DEFAULT_BLOCK_SIZE,
+    AssignmentStats,
+    assign_noise,
+    validate_assignment_options,
+)
 
 # Config keys added to the base scheduler's config, with their defaults.
 ASSIGNMENT_CONFIG_DEFAULTS: dict[str, Any] = {
@@ -47,11 +61,76 @@ ASSIGNMENT_CONFIG_DEFAULTS: dict[str, Any] = {
     "assignment_block_size": DEFAULT_BLOCK_SIZE,
     "drop_in_assignment": True,
 }
-_NOISING_METHODS = {"add_noise": "original_samples", "scale_noise": "sample"}
+# Wrapped methods: name -> (its samples argument, its role). An "input" builds the model input, a "target"
+# the regression target; both must see the same assigned noise.
+_DROP_IN_METHODS = {
+    "add_noise": ("original_samples", "input"),
+    "scale_noise": ("sample", "input"),
+    "get_velocity": ("sample", "target"),
+}
+_NOISING_METHODS = ("add_noise", "scale_noise")
+# Pairings remembered per scheduler: enough for teacher + student + target of a step, a few batches deep.
+_PAIRING_CACHE_SIZE = 8
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple:
+    """Shape, dtype, device and per-sample float32 sums: one cheap pass over the tensor.
+
+    It sees writes that bypass ``_version`` (``.data.normal_()``, numpy views) and row permutations;
+    it is not a hash, and a change that keeps every row's sum (a swap inside one row) goes unnoticed.
+    """
+    with torch.no_grad():
+        if tensor.ndim == 1:
+            sums = tensor.float()
+        else:
+            sums = tensor.sum(dim=tuple(range(1, tensor.ndim)), dtype=torch.float32)
+    return (tuple(tensor.shape), tensor.dtype, tensor.device, sums)
+
+
+def _same_fingerprint(a: tuple, b: tuple) -> bool:
+    return a[:3] == b[:3] and torch.equal(a[3], b[3])
+
+
+@dataclass
+class _Pairing:
+    """One assignment the scheduler made: these samples with noise of this content."""
+
+    samples: tuple
+    noise: tuple
+    noise_ref: weakref.ref  # the tensor that holds it, to tell "same tensor" from "another live tensor"
+    role: str  # "input", "target" or "explicit"
+
+
+def _dtype_name(value: Any) -> Any:
+    """``torch.bfloat16`` -> ``"bfloat16"``: configs hold names, so repr and save_pretrained work."""
+    if isinstance(value, torch.dtype):
+        for name, dtype in COST_DTYPES.items():
+            if dtype == value:
+                return name
+    return value
 
 
 class ImmiscibleNoiseScheduler:
     """Mixin for a diffusers scheduler: batch noise assignment driven by the scheduler's config.
+
+    Drop-in rules (``drop_in_assignment=True`` and ``assignment != "none"``):
+
+    - The guarantee: **the tensor you pass to add_noise / scale_noise / get_velocity is assigned in place;
+      build your target from that tensor.** A tensor derived from it before the call is not assigned.
+    - Whichever of those methods sees a (samples, noise) pair first assigns it; a later call with the same
+      samples and that same assigned noise reuses the pairing (no second assignment, no new KNN
+      candidates), so ``get_velocity`` before or after ``add_noise`` gives a target that matches the input.
+    - Samples and noise are recognised by content (a per-sample sum, see ``_fingerprint``), not only by
+      identity: the same noise tensor with other samples, or refilled behind autograd's back
+      (``noise.data.normal_()``, a numpy view), is assigned again.
+    - A call that fails (bad timesteps, say) leaves the caller's noise untouched: the assignment and the
+      base method run first, the in-place write comes last.
+    - Samples you assigned explicitly with ``scheduler.assign_noise`` keep that pairing: passing the tensor
+      it returned is a no-op, passing any other noise for them raises (it would be assigned twice). Turn
+      the drop-in off (``drop_in_assignment=False``) when a script assigns explicitly and then derives the
+      noise it noises with (``--input_perturbation``).
+    - ``get_velocity`` with noise other than the tensor ``add_noise``/``scale_noise`` just assigned for the
+      same samples warns: the target would not match the model input.
 
     Do not subclass by hand; ``make_immiscible`` builds the class so that its config round-trips.
     """
@@ -65,7 +144,24 @@ class ImmiscibleNoiseScheduler:
         generator: torch.Generator | None = None,
         return_stats: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, AssignmentStats]:
-        """Return ``noise`` assigned to ``samples`` with this scheduler's settings (inputs untouched)."""
+        """Return ``noise`` assigned to ``samples`` with this scheduler's settings (inputs untouched).
+
+        Build both the model input and the target from the returned tensor. With the drop-in on, the
+        scheduler remembers this pairing: its noising methods leave the returned tensor as it is.
+        """
+        result = self._assign(samples, noise, generator, return_stats)
+        if self._drop_in_active():
+            assigned = result[0] if return_stats else result
+            self._remember(_fingerprint(samples), assigned, "explicit")
+        return result
+
+    def _assign(
+        self,
+        samples: torch.Tensor,
+        noise: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, AssignmentStats]:
         return assign_noise(
             samples,
             noise,
@@ -79,34 +175,70 @@ class ImmiscibleNoiseScheduler:
             return_stats=return_stats,
         )
 
-    def _assign_in_place(self, samples: torch.Tensor, noise: torch.Tensor) -> None:
-        if not self.config.drop_in_assignment or self.config.assignment == "none":
-            return
-        if not isinstance(noise, torch.Tensor):
-            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
-        # The same, unmodified tensor noised again (teacher and student of a consistency step, say)
-        # keeps its assignment: re-assigning would draw new KNN candidates and break the pairing.
-        last = getattr(self, "_last_assigned", None)
-        if last is not None and last[0]() is noise and last[1] == noise._version:
-            return
+    def _drop_in_active(self) -> bool:
+        return bool(self.config.drop_in_assignment) and self.config.assignment != "none"
+
+    def _pairings(self) -> list[_Pairing]:
+        if "_immiscible_pairings" not in self.__dict__:
+            self._immiscible_pairings = []
+        return self._immiscible_pairings
+
+    def _remember(self, samples_print: tuple, noise: torch.Tensor, role: str) -> None:
+        pairings = self._pairings()
+        pairings.append(_Pairing(samples_print, _fingerprint(noise), weakref.ref(noise), role))
+        del pairings[:-_PAIRING_CACHE_SIZE]
+
+    def _drop_in_noise(
+        self, samples: torch.Tensor, noise: torch.Tensor, role: str, method: str
+    ) -> tuple[tuple, torch.Tensor | None]:
+        """The samples' fingerprint and the assigned noise for this call (None when ``noise`` already holds it)."""
+        if not isinstance(samples, torch.Tensor) or not isinstance(noise, torch.Tensor):
+            raise TypeError(
+                f"{method}: samples and noise must be torch.Tensors, got {type(samples).__name__} and {type(noise).__name__}"
+            )
+        if samples.device.type == "meta" or noise.device.type == "meta":
+            raise ValueError(f"{method}: meta tensors have no values to assign; use drop_in_assignment_disabled()")
+        samples_print = _fingerprint(samples)
+        noise_print = _fingerprint(noise)
+        same_samples = [p for p in self._pairings() if _same_fingerprint(p.samples, samples_print)]
+        if any(_same_fingerprint(p.noise, noise_print) for p in same_samples):
+            return samples_print, None  # already assigned to these samples: reuse the pairing
+        if same_samples and same_samples[-1].role == "explicit":
+            raise ValueError(
+                f"{method}: these samples were assigned with scheduler.assign_noise(), but this noise is not the "
+                "tensor it returned; the drop-in would assign a second time. Pass the returned tensor, or build "
+                "the scheduler with drop_in_assignment=False when you assign explicitly"
+            )
+        live = [p.noise_ref() for p in same_samples if p.role == "input"]
+        other_input = [tensor for tensor in live if tensor is not None and tensor is not noise]
+        if role == "target" and other_input:
+            warnings.warn(
+                f"{method} got noise other than the tensor add_noise/scale_noise assigned for the same samples: "
+                "each tensor is assigned on its own, so this target does not match that model input. Build the "
+                "input and the target from the same tensor (docs/drop-in.md)",
+                UserWarning,
+                stacklevel=3,
+            )
         if noise.requires_grad:
             raise ValueError(
-                "noise requires grad, so it cannot be assigned in place; detach it, or call "
+                f"{method}: noise requires grad, so it cannot be assigned in place; detach it, or call "
                 "scheduler.assign_noise(samples, noise) and use the returned tensor"
             )
         if any(stride == 0 and size > 1 for stride, size in zip(noise.stride(), noise.shape)):
             raise ValueError(
-                "noise is a broadcast view (stride 0), so it cannot be assigned in place; pass a "
+                f"{method}: noise is a broadcast view (stride 0), so it cannot be assigned in place; pass a "
                 "materialised tensor (noise.clone()) or use scheduler.assign_noise(samples, noise)"
             )
-        assigned = self.assign_noise(samples, noise)
-        with torch.no_grad():
-            noise.copy_(assigned)
-        self._last_assigned = (weakref.ref(noise), noise._version)
+        return samples_print, self._assign(samples, noise)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_immiscible_pairings", None)  # weakrefs do not pickle; a copy starts without pairings
+        return state
 
     @contextlib.contextmanager
     def drop_in_assignment_disabled(self) -> Iterator[None]:
-        """Within this block ``add_noise``/``scale_noise`` leave the noise as it is (for inference)."""
+        """Within this block the noising methods leave the noise as it is (for inference)."""
         previous = self.config.drop_in_assignment
         self.register_to_config(drop_in_assignment=False)
         try:
@@ -124,17 +256,28 @@ class ImmiscibleNoiseScheduler:
         return self.stock_scheduler_class.from_config(config)
 
 
-def _wrap_noising_method(base_method: Any, samples_argument: str) -> Any:
+def _wrap_drop_in_method(base_method: Any, samples_argument: str, role: str) -> Any:
     signature = inspect.signature(base_method)
 
     @functools.wraps(base_method)
-    def noising_with_assignment(self, *args, **kwargs):
-        arguments = signature.bind(self, *args, **kwargs).arguments
-        if arguments.get("noise") is not None:
-            self._assign_in_place(arguments[samples_argument], arguments["noise"])
-        return base_method(self, *args, **kwargs)
+    def method_with_assignment(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        noise = bound.arguments.get("noise")
+        if noise is None or not self._drop_in_active():
+            return base_method(*bound.args, **bound.kwargs)
+        samples = bound.arguments.get(samples_argument)
+        samples_print, assigned = self._drop_in_noise(samples, noise, role, base_method.__name__)
+        if assigned is None:
+            return base_method(*bound.args, **bound.kwargs)
+        # Compute with the assigned copy first; the caller's tensor changes only once the base method succeeded.
+        bound.arguments["noise"] = assigned
+        result = base_method(*bound.args, **bound.kwargs)
+        with torch.no_grad():
+            noise.copy_(assigned)
+        self._remember(samples_print, noise, role)
+        return result
 
-    return noising_with_assignment
+    return method_with_assignment
 
 
 def make_immiscible(scheduler_class: type, name: str | None = None) -> type:
@@ -149,13 +292,13 @@ def make_immiscible(scheduler_class: type, name: str | None = None) -> type:
         raise TypeError(f"scheduler_class must be a diffusers scheduler class, got {scheduler_class!r}")
     if issubclass(scheduler_class, ImmiscibleNoiseScheduler):
         raise TypeError(f"scheduler_class {scheduler_class.__name__} is already immiscible")
-    noising = {
-        method: samples_argument
-        for method, samples_argument in _NOISING_METHODS.items()
+    wrapped = {
+        method: spec
+        for method, spec in _DROP_IN_METHODS.items()
         if callable(getattr(scheduler_class, method, None))
         and "noise" in inspect.signature(getattr(scheduler_class, method)).parameters
     }
-    if not noising:
+    if not any(method in wrapped for method in _NOISING_METHODS):
         raise TypeError(
             f"scheduler_class {scheduler_class.__name__} has neither add_noise nor scale_noise with a noise "
             "argument, so there is no noising step to assign noise for"
@@ -175,6 +318,7 @@ def make_immiscible(scheduler_class: type, name: str | None = None) -> type:
         arguments = signature.bind(self, *args, **kwargs).arguments
         arguments.pop("self")
         settings = {key: arguments.pop(key, default) for key, default in ASSIGNMENT_CONFIG_DEFAULTS.items()}
+        settings["assignment_dtype"] = _dtype_name(settings["assignment_dtype"])
         validate_assignment_options(
             settings["assignment"],
             settings["assignment_distance"],
@@ -199,8 +343,8 @@ def make_immiscible(scheduler_class: type, name: str | None = None) -> type:
         "stock_scheduler_class": scheduler_class,
         "_compatibles": [scheduler_class.__name__, *getattr(scheduler_class, "_compatibles", [])],
     }
-    for method, samples_argument in noising.items():
-        namespace[method] = _wrap_noising_method(getattr(scheduler_class, method), samples_argument)
+    for method, (samples_argument, role) in wrapped.items():
+        namespace[method] = _wrap_drop_in_method(getattr(scheduler_class, method), samples_argument, role)
     return type(name or f"Immiscible{scheduler_class.__name__}", (ImmiscibleNoiseScheduler, scheduler_class), namespace)
 
 

@@ -191,9 +191,10 @@ def test_knn_drop_in_assigns_once_for_teacher_and_student():
     after_first = noise.clone()
     scheduler.add_noise(clean, noise, scheduler.timesteps[1:17])
     assert torch.equal(noise, after_first), "the second noising of the same tensor must not draw new candidates"
-    noise.mul_(1.0)  # an in-place change makes it a new noise tensor: assigned again
+    noise.normal_()  # refilled in place: new noise, assigned again
+    refilled = noise.clone()
     scheduler.add_noise(clean, noise, timesteps)
-    assert not torch.equal(noise, after_first)
+    assert not torch.equal(noise, refilled)
 
 
 def test_drop_in_switch_off_for_inference():
@@ -237,3 +238,201 @@ def test_explicit_api_returns_stats_and_leaves_input():
     assert torch.equal(noise, original)
     assert torch.equal(assigned, assign_noise(samples, noise))
     assert stats.mean_distance_after < stats.mean_distance_before
+
+
+# --- issue 11: patterns that trained on unassigned or mismatched noise ------------------------------
+
+
+def _noise_inside(noisy, clean, scheduler, timesteps):
+    """The noise a DDPM-family model input was built from: (noisy - sqrt(a) x) / sqrt(1 - a)."""
+    alphas = scheduler.alphas_cumprod[timesteps].view(-1, *([1] * (clean.ndim - 1)))
+    return (noisy - alphas.sqrt() * clean) / (1 - alphas).sqrt()
+
+
+def test_pattern1_input_perturbation_with_explicit_assignment_and_drop_in_raises():
+    """Pattern 1: noise assigned explicitly, then a derived tensor handed to the drop-in: loud, not a 2nd assignment."""
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100)
+    clean, noise = _batch()
+    t = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(1))
+    noise = scheduler.assign_noise(clean, noise)
+    new_noise = noise + 0.1 * torch.randn_like(noise)
+    untouched = new_noise.clone()
+    with pytest.raises(ValueError, match="assigned with scheduler.assign_noise"):
+        scheduler.add_noise(clean, new_noise, t)
+    assert torch.equal(new_noise, untouched)
+    # the tensor assign_noise returned is recognised: no second assignment
+    before = noise.clone()
+    scheduler.add_noise(clean, noise, t)
+    assert torch.equal(noise, before)
+
+
+def test_pattern1_v_prediction_target_from_another_tensor_warns():
+    """Pattern 1 with v-prediction: model input from new_noise, target from noise: the drop-in says so."""
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
+    clean, noise = _batch()
+    t = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(1))
+    new_noise = noise + 0.1 * torch.randn_like(noise)
+    scheduler.add_noise(clean, new_noise, t)
+    with pytest.warns(UserWarning, match="does not match that model input"):
+        scheduler.get_velocity(clean, noise, t)
+
+
+@pytest.mark.parametrize("method", ["linear", "knn"])
+def test_pattern2_explicit_result_passed_as_a_copy_is_not_assigned_again(method):
+    """Pattern 2: add_noise(x, noise.clone()) after explicit assignment keeps the pairing (KNN draws nothing new)."""
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100, assignment=method, knn_k=8)
+    clean, noise = _batch()
+    t = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(1))
+    target = scheduler.assign_noise(clean, noise, generator=torch.Generator().manual_seed(3))
+    copy = target.clone()
+    noisy = scheduler.add_noise(clean, copy, t)
+    assert torch.equal(copy, target)
+    torch.testing.assert_close(_noise_inside(noisy, clean, scheduler, t), target, rtol=1e-4, atol=1e-4)
+
+
+def test_pattern2_half_samples_with_float_noise_assign_the_callers_noise():
+    """Pattern 2 (x.half()): mixed dtypes are accepted, so the target tensor itself is what gets assigned."""
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100)
+    stock = DDPMScheduler(num_train_timesteps=100)
+    clean, noise = _batch()
+    t = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(1))
+    expected = assign_noise(clean.half(), noise.clone())
+    assert not torch.equal(expected, noise)
+    noisy = scheduler.add_noise(clean.half(), noise, t)
+    target = noise
+    assert torch.equal(target, expected)
+    assert torch.equal(noisy, stock.add_noise(clean.half(), expected, t))
+
+
+@pytest.mark.parametrize("immiscible_cls", [ImmiscibleDDPMScheduler, ImmiscibleDDIMScheduler, ImmiscibleLCMScheduler])
+def test_pattern3_get_velocity_before_add_noise(immiscible_cls):
+    """Pattern 3: the v-target computed first assigns the noise; add_noise reuses that pairing."""
+    scheduler = immiscible_cls(num_train_timesteps=100, prediction_type="v_prediction")
+    clean, noise = _batch()
+    t = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(1))
+    expected = assign_noise(clean, noise.clone())
+    assert not torch.equal(expected, noise)
+    target = scheduler.get_velocity(clean, noise, t)
+    noisy = scheduler.add_noise(clean, noise, t)
+    assert torch.equal(noise, expected)
+    stock = scheduler.to_stock_scheduler()
+    assert torch.equal(target, stock.get_velocity(clean, expected, t))
+    assert torch.equal(noisy, stock.add_noise(clean, expected, t))
+
+
+def test_pattern3_knn_either_order_gives_one_pairing():
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction", assignment="knn", knn_k=8)
+    clean, noise = _batch()
+    t = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(1))
+    target = scheduler.get_velocity(clean, noise, t)
+    assigned = noise.clone()
+    noisy = scheduler.add_noise(clean, noise, t)
+    assert torch.equal(noise, assigned), "add_noise must reuse the pairing get_velocity made"
+    torch.testing.assert_close(_noise_inside(noisy, clean, scheduler, t), assigned, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(target, scheduler.to_stock_scheduler().get_velocity(clean, assigned, t))
+
+
+def test_pattern4_flow_scheduler_docstring_makes_no_claim_for_inline_noising():
+    """Pattern 4: scripts that never call scale_noise are not covered; the docs say so and give the line."""
+    import immiscible_diffusers.schedulers as module
+
+    guarantee = "the tensor you pass to add_noise / scale_noise / get_velocity is assigned in place; build your target from that tensor"
+    for doc in (module.__doc__, ImmiscibleNoiseScheduler.__doc__):
+        assert guarantee in " ".join(doc.replace("*", "").split())
+    assert "are not covered" in module.__doc__ and "noise = scheduler.assign_noise(x, noise)" in module.__doc__
+
+
+def test_pattern5_same_noise_tensor_for_other_samples_is_assigned_again():
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100)
+    clean, noise = _batch()
+    other, _ = _batch(seed=5)
+    t = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(1))
+    scheduler.add_noise(clean, noise, t)
+    expected = assign_noise(other, noise.clone())
+    assert not torch.equal(expected, noise)
+    scheduler.add_noise(other, noise, t)
+    assert torch.equal(noise, expected)
+
+
+@pytest.mark.parametrize("refill", ["data", "numpy"])
+def test_pattern5_refill_that_bypasses_version_is_noticed(refill):
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100)
+    clean, noise = _batch()
+    t = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(1))
+    scheduler.add_noise(clean, noise, t)
+    version = noise._version
+    fresh = torch.randn(noise.shape, generator=torch.Generator().manual_seed(9))
+    if refill == "data":
+        noise.data.copy_(fresh)
+    else:
+        noise.numpy()[...] = fresh.numpy()
+    assert noise._version == version, "the refill must bypass _version for this test to mean anything"
+    expected = assign_noise(clean, fresh)
+    assert not torch.equal(expected, fresh)
+    scheduler.add_noise(clean, noise, t)
+    assert torch.equal(noise, expected)
+
+
+@pytest.mark.parametrize("method", ["add_noise", "get_velocity"])
+def test_pattern6_a_failing_call_leaves_the_noise_untouched(method):
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100)
+    clean, noise = _batch()
+    untouched = noise.clone()
+    bad_t = torch.full((16,), 10_000)  # beyond num_train_timesteps: IndexError in the base method
+    with pytest.raises(IndexError):
+        getattr(scheduler, method)(clean, noise, bad_t)
+    assert torch.equal(noise, untouched)
+
+
+def test_pattern6_scale_noise_failing_leaves_the_noise_untouched():
+    scheduler = ImmiscibleFlowMatchEulerDiscreteScheduler()
+    clean, noise = _batch()
+    untouched = noise.clone()
+    with pytest.raises(Exception):
+        scheduler.scale_noise(clean, torch.full((16,), -123.0), noise)  # not a timestep of the schedule
+    assert torch.equal(noise, untouched)
+
+
+def test_pattern7_fp16_samples_with_fp32_noise_like_stock_diffusers():
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100, assignment_dtype="bfloat16")
+    stock = DDPMScheduler(num_train_timesteps=100)
+    clean, noise = _batch()
+    t = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(1))
+    expected = assign_noise(clean.half(), noise.clone(), cost_dtype="bfloat16")
+    noisy = scheduler.add_noise(clean.half(), noise, t)
+    assert noise.dtype == torch.float32 and torch.equal(noise, expected)
+    reference = stock.add_noise(clean.half(), expected, t)
+    assert noisy.dtype == reference.dtype and torch.equal(noisy, reference)
+
+
+def test_pattern7_dtype_objects_in_the_config_are_stored_by_name(tmp_path):
+    scheduler = ImmiscibleDDPMScheduler(assignment_dtype=torch.bfloat16)
+    assert scheduler.config.assignment_dtype == "bfloat16"
+    assert "bfloat16" in repr(scheduler)
+    scheduler.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["assignment_dtype"] == "bfloat16"
+    assert ImmiscibleDDPMScheduler.from_pretrained(tmp_path).config.assignment_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="cost_dtype"):
+        ImmiscibleDDPMScheduler(assignment_dtype=torch.float64)
+
+
+def test_drop_in_rejects_meta_tensors_clearly():
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100)
+    meta = torch.empty(4, 3, 8, 8, device="meta")
+    with pytest.raises(ValueError, match="meta tensors"):
+        scheduler.add_noise(meta, torch.empty_like(meta), torch.zeros(4, dtype=torch.long, device="meta"))
+
+
+def test_a_scheduler_that_paired_noise_still_pickles_and_deep_copies():
+    import copy
+    import pickle
+
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100)
+    clean, noise = _batch()
+    scheduler.add_noise(clean, noise, torch.zeros(16, dtype=torch.long))
+    for clone in (pickle.loads(pickle.dumps(scheduler)), copy.deepcopy(scheduler)):
+        assert clone.config == scheduler.config
+        fresh = torch.randn(noise.shape)
+        expected = assign_noise(clean, fresh)
+        clone.add_noise(clean, fresh, torch.zeros(16, dtype=torch.long))
+        assert torch.equal(fresh, expected)

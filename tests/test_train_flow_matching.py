@@ -153,7 +153,8 @@ def test_run_writes_pipeline_card_logs_and_samples(trained, name):
     assert f"samples/step_{STEPS:06d}.png" in readme
 
     grid = Image.open(output_dir / "samples" / f"step_{STEPS:06d}.png")
-    assert grid.size == (16, 8) and grid.mode == "L"  # two 8x8 grayscale samples side by side
+    # two 8x8 grayscale samples side by side, shown at 48x48 with 2-px gaps
+    assert grid.size == (2 * 50 + 2, 50 + 2) and grid.mode == "L"
 
     rows = read_train_log(output_dir / "train_log.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))

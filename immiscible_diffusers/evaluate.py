@@ -42,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DIGITS_DATASET_NAME
+from .model_index import pipeline_class_name, read_model_index
 from .metrics import (
     DigitsFeatureSpace,
     GaussianStatistics,
@@ -118,7 +119,7 @@ def read_run(run_dir: str | os.PathLike, label: str | None = None) -> RunInfo:
         card_metadata = dict(read_card_metadata(run_dir).get(CARD_METADATA_KEY) or {})
     pipeline_class = None
     if (run_dir / "model_index.json").is_file():
-        pipeline_class = json.loads((run_dir / "model_index.json").read_text()).get("_class_name")
+        pipeline_class = pipeline_class_name(read_model_index(run_dir))
     else:
         script = training_config.get("script") or card_metadata.get("script")
         pipeline_class = SCRIPT_PIPELINES.get(script)

@@ -761,10 +761,9 @@ def write_results(results: EvaluationResults, output_dir: str | os.PathLike) -> 
 
 
 def add_metrics_to_model_cards(results: EvaluationResults, run_dirs: Sequence[str | os.PathLike]) -> None:
-    """Record each run's last evaluated scores under ``immiscible_diffusers: metrics:`` in its model card."""
-    from huggingface_hub import ModelCard
-
-    from .model_card import CARD_METADATA_KEY
+    """Record each run's last evaluated scores in its model card: ``immiscible_diffusers: metrics:`` and
+    ``model-index`` (what the Hub shows as evaluation results)."""
+    from .model_card import record_scores_in_card
 
     by_folder: dict[str, list[dict[str, Any]]] = {}
     for row in results.rows:
@@ -786,13 +785,7 @@ def add_metrics_to_model_cards(results: EvaluationResults, run_dirs: Sequence[st
             for row in rows
             if row["step"] == last_step
         }
-        card = ModelCard.load(card_path)
-        block = dict(getattr(card.data, CARD_METADATA_KEY, None) or {})
-        block["metrics"] = metrics
-        setattr(card.data, CARD_METADATA_KEY, block)
-        partial = card_path.with_name("README.md.tmp")
-        card.save(partial)
-        os.replace(partial, card_path)
+        record_scores_in_card(card_path, metrics, METRIC_LABELS)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -483,7 +483,10 @@ def test_card_command_adds_the_evaluators_plot_and_table(run_copy, tmp_path, cap
     ]
     results = EvaluationResults(rows=rows, settings={"num_inference_steps": 2, "num_samples": 4, "seed": 0})
     write_results(results, tmp_path / "eval")
-    add_metrics_to_model_cards(results, [run_copy])
+    for _ in range(2):  # a second evaluation replaces the scores in model-index
+        add_metrics_to_model_cards(results, [run_copy])
+    (result,) = ModelCard.load(run_copy / "README.md").data.eval_results
+    assert (result.metric_type, result.metric_value, result.metric_args["step"]) == ("digits_fd", 25.5, 10)
     for _ in range(2):  # a second evaluation replaces the section
         assert cli.main(["card", str(run_copy), "--evaluation-dir", str(tmp_path / "eval")]) == 0
     text = (run_copy / "README.md").read_text()

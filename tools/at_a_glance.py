@@ -95,7 +95,17 @@ def speedup_headline(speedup: dict[str, Any]) -> dict[str, Any]:
                 **{name: _ratio(regime, method, fraction) for fraction, name in FRACTIONS.items()},
             }
             for method in ("linear", "knn")
-        } | {"dimension": regime["dimension"], "num_inference_steps": regime["settings"]["num_inference_steps"]}
+        } | {
+            "dimension": regime["dimension"],
+            "num_inference_steps": regime["settings"]["num_inference_steps"],
+            "num_samples": regime["settings"]["num_samples"],
+            # The metric's floor (real held-out data scored as samples) and ceiling (pure noise).
+            "floor": regime["anchors"]["floor"],
+            "ceiling": regime["anchors"]["ceiling"],
+        }
+        accuracy = regime["metric_info"].get("classifier_test_accuracy")
+        if accuracy is not None:
+            headline["digits_classifier_test_accuracy"] = accuracy
     return headline
 
 

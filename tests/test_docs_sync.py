@@ -148,6 +148,14 @@ def test_results_files_without_provenance_are_refused(repo, path, content, messa
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
+def test_markers_in_fenced_code_blocks_are_examples(repo):
+    readme = repo / "README.md"
+    example = "```markdown\n<!-- value: nowhere.json#a|.1f -->1<!-- /value --> <!-- include: gone.md -->\n```\n"
+    readme.write_text(readme.read_text() + example)
+    assert _run(repo, "--check").returncode == 0
+    assert _run(repo).returncode == 0 and readme.read_text().endswith(example)
+
+
 def test_a_csv_carries_provenance_through_a_sibling(tmp_path):
     (tmp_path / "table.csv").write_text("a,b\n1,2\n")
     with pytest.raises(docs_sync.DocsSyncError, match="a CSV needs a sibling .json or .md"):

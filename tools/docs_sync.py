@@ -23,6 +23,7 @@ file a sibling ``.json`` or ``.md`` of the same stem that does.
     python tools/docs_sync.py --check   # exit 1 listing every stale region (file:line, expected vs found)
 
 Bad markers, missing files or keys and files without provenance are errors (exit 2), in both modes.
+Markers inside fenced code blocks are examples and are left alone.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ MARKER = re.compile(
 )
 # Opening markers, to catch ones the pattern above could not pair with a closing marker.
 OPENING = re.compile(r"<!-- (include|value):[^>]*-->")
+# Fenced code blocks: markers shown there are examples, not regions.
+FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.MULTILINE | re.DOTALL)
 PROVENANCE_MD = (re.compile(r"^\W*command:", re.IGNORECASE | re.MULTILINE),
                  re.compile(r"^\W*git commit:", re.IGNORECASE | re.MULTILINE))
 
@@ -154,7 +157,14 @@ def scan(doc: Path, root: Path = REPO_DIR) -> tuple[str, list[Region]]:
     regions: list[Region] = []
     json_cache: dict[Path, Any] = {}
 
+    fences = [match.span() for match in FENCE.finditer(text)]
+
+    def in_fence(position: int) -> bool:
+        return any(start <= position < end for start, end in fences)
+
     def replace(match: re.Match) -> str:
+        if in_fence(match.start()):
+            return match.group(0)
         line = text.count("\n", 0, match.start()) + 1
         where = f"{_relative(doc, root)}:{line}"
         if match.group("include") is not None:
@@ -182,7 +192,7 @@ def scan(doc: Path, root: Path = REPO_DIR) -> tuple[str, list[Region]]:
     # An opening marker outside every matched region has no closing marker (or a malformed one).
     spans = [match.span() for match in MARKER.finditer(text)]
     for opening in OPENING.finditer(text):
-        if not any(start <= opening.start() < end for start, end in spans):
+        if not in_fence(opening.start()) and not any(start <= opening.start() < end for start, end in spans):
             line = text.count("\n", 0, opening.start()) + 1
             raise DocsSyncError(
                 f"{_relative(doc, root)}:{line}: {opening.group(0)} is malformed or has no closing marker "

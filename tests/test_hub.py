@@ -408,6 +408,32 @@ def test_a_custom_pipeline_shipped_as_pipeline_py_is_published_with_a_note(run_c
     assert any("DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)" in note for note in plan.notes)
 
 
+def test_a_pushed_flow_matching_run_loads_with_trust_remote_code(tmp_path):
+    """The diffusers way from a pushed repo: model_index names ["pipeline", class], pipeline.py is published."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from immiscible_diffusers.flow_matching import FlowMatchingPipeline, save_flow_matching_pipeline
+
+    run = tmp_path / "flow"
+    save_flow_matching_pipeline(FlowMatchingPipeline(unet=tiny_unet(), scheduler=FlowMatchEulerDiscreteScheduler()), run)
+    (run / "samples").mkdir()
+    Image.new("L", (16, 16), color=128).save(run / "samples" / "step_000010.png")
+    write_card(run)
+    with LocalHubServer(token=TOKEN) as server:
+        result = run_cli(["push", str(run), "--repo-id", "alice/tiny-flow"], server.url, TOKEN, tmp_path / "hf_home")
+        assert result.returncode == 0, result.stderr
+        files = server.branch_files("alice/tiny-flow")
+    assert "pipeline.py" in files
+    assert json.loads(files["model_index.json"])["_class_name"] == ["pipeline", "FlowMatchingPipeline"]
+    repo = tmp_path / "repo"
+    for path, content in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_bytes(content)
+    pipeline = DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)
+    assert type(pipeline).__name__ == "FlowMatchingPipeline" and type(pipeline).__module__.startswith("diffusers_modules")
+    assert pipeline(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
+
+
 def test_a_lora_run_is_recognised_and_its_checkpoint_adapters_can_go(tmp_path, capsys):
     from safetensors.torch import save_file
 

@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(problem + " (run `python tools/at_a_glance.py`, then `python tools/docs_sync.py`)")
         return 1 if problems else 0
+    if not stale():  # rewriting would only change the date and commit of an unchanged page
+        print("docs/results/at_a_glance.md and .json already match their sources")
+        return 0
     for path in write():
         print(f"wrote {path.relative_to(REPO_DIR)}")
     return 0

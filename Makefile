@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUTPUT_DIR ?= outputs/demo
 
-.PHONY: install demo test benchmark clean space browser-deps
+.PHONY: install demo test benchmark clean space browser-deps docs
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ browser-deps:
 	  else echo "browser-deps: chromium is missing and this is no root shell: run 'apt-get install -y chromium' as root" >&2; exit 0; fi; \
 	  echo "browser-deps: installing Debian's chromium (for tests/test_space_app.py) ..."; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+# Numbers in README.md, docs/ and training_scripts/README.md, regenerated from the committed results files.
+docs: install
+	$(PY) tools/at_a_glance.py
+	$(PY) tools/docs_sync.py
 
 benchmark: install
 	$(PY) benchmarks/assignment.py --output_dir benchmarks/results

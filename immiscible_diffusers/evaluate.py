@@ -42,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DIGITS_DATASET_NAME
+from .model_index import pipeline_class_name, read_model_index
 from .metrics import (
     DigitsFeatureSpace,
     GaussianStatistics,
@@ -118,7 +119,7 @@ def read_run(run_dir: str | os.PathLike, label: str | None = None) -> RunInfo:
         card_metadata = dict(read_card_metadata(run_dir).get(CARD_METADATA_KEY) or {})
     pipeline_class = None
     if (run_dir / "model_index.json").is_file():
-        pipeline_class = json.loads((run_dir / "model_index.json").read_text()).get("_class_name")
+        pipeline_class = pipeline_class_name(read_model_index(run_dir))
     else:
         script = training_config.get("script") or card_metadata.get("script")
         pipeline_class = SCRIPT_PIPELINES.get(script)
@@ -760,10 +761,9 @@ def write_results(results: EvaluationResults, output_dir: str | os.PathLike) -> 
 
 
 def add_metrics_to_model_cards(results: EvaluationResults, run_dirs: Sequence[str | os.PathLike]) -> None:
-    """Record each run's last evaluated scores under ``immiscible_diffusers: metrics:`` in its model card."""
-    from huggingface_hub import ModelCard
-
-    from .model_card import CARD_METADATA_KEY
+    """Record each run's last evaluated scores in its model card: ``immiscible_diffusers: metrics:`` and
+    ``model-index`` (what the Hub shows as evaluation results)."""
+    from .model_card import record_scores_in_card
 
     by_folder: dict[str, list[dict[str, Any]]] = {}
     for row in results.rows:
@@ -785,13 +785,7 @@ def add_metrics_to_model_cards(results: EvaluationResults, run_dirs: Sequence[st
             for row in rows
             if row["step"] == last_step
         }
-        card = ModelCard.load(card_path)
-        block = dict(getattr(card.data, CARD_METADATA_KEY, None) or {})
-        block["metrics"] = metrics
-        setattr(card.data, CARD_METADATA_KEY, block)
-        partial = card_path.with_name("README.md.tmp")
-        card.save(partial)
-        os.replace(partial, card_path)
+        record_scores_in_card(card_path, metrics, METRIC_LABELS)
 
 
 # --------------------------------------------------------------------------------------------------

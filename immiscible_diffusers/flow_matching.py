@@ -23,6 +23,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from .model_index import name_as_shipped_code
 from .pipeline_flow_matching import FlowMatchingPipeline
 
 if TYPE_CHECKING:
@@ -131,18 +132,20 @@ def flow_matching_inputs(
 
 
 def save_flow_matching_pipeline(pipeline: FlowMatchingPipeline, output_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` the pipeline and put its code beside it as ``pipeline.py`` (for plain diffusers).
+    """``save_pretrained`` the pipeline with its code beside it as ``pipeline.py``, named the diffusers way.
 
-    ``model_index.json`` names ``FlowMatchingPipeline`` with the stock ``UNet2DModel`` and
-    ``FlowMatchEulerDiscreteScheduler``; ``pipeline.py`` depends on torch and diffusers only, so
-    ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)``
-    loads it without this package, locally and from the Hub.
+    ``model_index.json`` says ``"_class_name": ["pipeline", "FlowMatchingPipeline"]`` with the stock
+    ``UNet2DModel`` and ``FlowMatchEulerDiscreteScheduler``; ``pipeline.py`` depends on torch and diffusers
+    only. So ``DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)`` loads it without
+    this package, locally and from the Hub, and ``FlowMatchingPipeline.from_pretrained(folder_or_repo)``
+    loads it with this package's class (no remote code).
     """
     output_dir = Path(output_dir)
     pipeline.save_pretrained(output_dir)
     partial = output_dir / f"{PIPELINE_MODULE_NAME}.py.tmp"
     shutil.copyfile(PIPELINE_FILE, partial)
     os.replace(partial, output_dir / f"{PIPELINE_MODULE_NAME}.py")
+    name_as_shipped_code(output_dir, PIPELINE_MODULE_NAME)
     return output_dir
 
 

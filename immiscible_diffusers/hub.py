@@ -29,6 +29,7 @@ from huggingface_hub.errors import HFValidationError, HfHubHTTPError, OfflineMod
 from huggingface_hub.utils import validate_repo_id
 
 from .model_card import check_model_card
+from .model_index import code_module, pipeline_class_name
 from .training import CHECKPOINT_PREFIX, PARTIAL_CHECKPOINT_PREFIX, TRAINING_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -177,21 +178,32 @@ def _check_pipeline(output_dir: Path) -> tuple[str, list[str]]:
     import diffusers
 
     index = _read_json(output_dir / "model_index.json", "model_index.json")
-    pipeline_class = index.get("_class_name")
+    pipeline_class = pipeline_class_name(index)
     notes = []
-    if not isinstance(pipeline_class, str):
-        raise ValueError(f"{output_dir / 'model_index.json'} names no pipeline class (_class_name)")
-    if pipeline_class not in dir(diffusers):
-        # A pipeline class outside diffusers loads from the Hub only with its code in the repo (custom_pipeline).
-        code = output_dir / "pipeline.py"
+    if pipeline_class is None:
+        raise ValueError(
+            f"{output_dir / 'model_index.json'} names no pipeline class (_class_name: a class name, or "
+            "[module, class] for a pipeline shipped as code)"
+        )
+    module = code_module(index)
+    if module is not None or pipeline_class not in dir(diffusers):
+        # A pipeline class outside diffusers loads from the Hub only with its code in the repo, named in
+        # model_index.json as [module, class] (diffusers' convention; then trust_remote_code=True loads it).
+        code = output_dir / f"{module or 'pipeline'}.py"
         if not (code.is_file() and re.search(rf"^class {re.escape(pipeline_class)}\b", code.read_text(), re.MULTILINE)):
             raise ValueError(
-                f"the pipeline class {pipeline_class} (model_index.json) is not a diffusers class and no pipeline.py "
+                f"the pipeline class {pipeline_class} (model_index.json) is not a diffusers class and no {code.name} "
                 "in the output folder defines it, so nobody could load this folder with plain diffusers"
             )
+        if module is None:
+            raise ValueError(
+                f"model_index.json names the custom pipeline class {pipeline_class} without its module: write "
+                f'"_class_name": ["pipeline", "{pipeline_class}"] so that DiffusionPipeline.from_pretrained(repo_id, '
+                "trust_remote_code=True) loads it from pipeline.py (save_flow_matching_pipeline does this)"
+            )
         notes.append(
-            f"{pipeline_class} is a custom pipeline shipped as pipeline.py: users load it with "
-            "DiffusionPipeline.from_pretrained(repo_id, custom_pipeline='pipeline', trust_remote_code=True)"
+            f"{pipeline_class} is a custom pipeline shipped as {code.name}: users load it with "
+            "DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)"
         )
     for component, spec in index.items():
         # Components are [library, class]; [null, null] is an absent optional one; other values are settings.

@@ -2,7 +2,9 @@
 
 The card's YAML metadata carries what the Hub indexes (``library_name``, ``pipeline_tag``, ``tags``,
 ``datasets``, ``license``, ``base_model``) plus a custom ``immiscible_diffusers:`` dict with the
-training configuration that evaluation and publishing read back (``read_card_metadata``).
+training configuration that evaluation and publishing read back (``read_card_metadata``). Evaluation
+scores go both into that dict (``metrics``) and into ``model-index`` (``record_scores_in_card``), the only
+place the Hub shows evaluation results from.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 CARD_METADATA_KEY = "immiscible_diffusers"
 # Keys every card's `immiscible_diffusers:` dict has (evaluation adds `metrics`).
@@ -262,6 +264,52 @@ def add_evaluation_to_card(output_dir: str | os.PathLike, evaluation_dir: str | 
         csv=f"{EVALUATION_FOLDER}/quality.csv" if "quality.csv" in found else None,
     )
     card.text = _replace_evaluation_section(card.text, section)
+    return _save_card_atomically(card, card_path)
+
+
+def _card_model_name(card: ModelCard, card_path: Path) -> str:
+    """The name ``model-index`` needs: the card's ``model_name``, else its first heading, else the folder name."""
+    if getattr(card.data, "model_name", None):
+        return card.data.model_name
+    heading = re.search(r"^# (.+)$", card.text, re.MULTILINE)
+    return heading.group(1).strip() if heading else card_path.parent.resolve().name
+
+
+def record_scores_in_card(
+    card_path: str | os.PathLike,
+    scores: Mapping[str, Mapping[str, Any]],
+    metric_labels: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a run's evaluation scores into its card, replacing earlier ones; return the card's path.
+
+    ``scores`` maps a metric (``digits_fd``, ``fid``) to ``{"value", "step", "sampler", "num_inference_steps",
+    "num_samples"}``. They go under ``immiscible_diffusers: metrics:`` (read back by the Space and by
+    ``add_evaluation_to_card``) and into ``model-index`` as ``huggingface_hub.EvalResult`` entries (task: the
+    card's ``pipeline_tag``; dataset: the training dataset; the sampling settings as ``metric_args``).
+    """
+    card_path = Path(card_path)
+    card = ModelCard.load(card_path)
+    block = dict(getattr(card.data, CARD_METADATA_KEY, None) or {})
+    block["metrics"] = {name: dict(score) for name, score in scores.items()}
+    setattr(card.data, CARD_METADATA_KEY, block)
+    dataset = str(block.get("dataset") or "unknown")
+    task = card.data.pipeline_tag or "unconditional-image-generation"
+    labels = metric_labels or {}
+    card.data.eval_results = [
+        EvalResult(
+            task_type=task,
+            dataset_type=dataset,
+            dataset_name=dataset,
+            metric_type=name,
+            metric_value=score["value"],
+            metric_name=labels.get(name, name),
+            metric_args={
+                key: score[key] for key in ("step", "sampler", "num_inference_steps", "num_samples") if key in score
+            },
+        )
+        for name, score in scores.items()
+    ] or None
+    card.data.model_name = _card_model_name(card, card_path)
     return _save_card_atomically(card, card_path)
 
 

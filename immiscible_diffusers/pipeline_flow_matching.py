@@ -2,11 +2,12 @@
 
 diffusers has no unconditional flow-matching pipeline for a pixel UNet, so ``train_flow_matching.py`` saves
 this one. The file depends on torch and diffusers only: the training script copies it into the output
-folder as ``pipeline.py``, so the saved pipeline also loads with plain diffusers (and from the Hub)::
+folder as ``pipeline.py`` and names it ``["pipeline", "FlowMatchingPipeline"]`` in ``model_index.json``, so
+the saved pipeline also loads with plain diffusers (and from the Hub)::
 
     from diffusers import DiffusionPipeline
 
-    pipeline = DiffusionPipeline.from_pretrained(folder_or_repo, custom_pipeline="pipeline", trust_remote_code=True)
+    pipeline = DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)
     images = pipeline(batch_size=16, num_inference_steps=50).images
 
 or, with immiscible-diffusers installed, ``FlowMatchingPipeline.from_pretrained(folder_or_repo)``.
@@ -32,6 +33,17 @@ class FlowMatchingPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DModel, scheduler: FlowMatchEulerDiscreteScheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        # A saved folder names this class ["pipeline", "FlowMatchingPipeline"], which makes diffusers import the
+        # folder's pipeline.py as remote code. Calling this class's from_pretrained asks for this class: drop
+        # the module so diffusers uses `cls` (both for local folders and in `download` for Hub repos).
+        config = super()._dict_from_json_file(json_file)
+        name = config.get("_class_name")
+        if isinstance(name, list) and len(name) == 2 and name[1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return config
 
     @torch.no_grad()
     def __call__(

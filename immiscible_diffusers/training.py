@@ -528,16 +528,49 @@ def save_training_config(
     return write_json_atomically(Path(output_dir) / TRAINING_CONFIG_NAME, config)
 
 
-def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
-    """Tile equally sized images into one image, row by row (``columns`` defaults to a near-square grid)."""
+# Sample grids: tiles smaller than this are upscaled (nearest neighbour, so pixels stay sharp) until a
+# person can read them; a 16x16 digit becomes 48x48.
+GRID_MIN_TILE_SIZE = 48
+# Pixels between tiles (and around the grid), so strokes of neighbouring samples do not run together.
+GRID_GAP = 2
+# Mid grey: distinct from both a black background and white strokes.
+GRID_BACKGROUND = (128, 128, 128)
+
+
+def image_grid(
+    images: Sequence[Image.Image],
+    columns: int | None = None,
+    *,
+    min_tile_size: int = GRID_MIN_TILE_SIZE,
+    gap: int = GRID_GAP,
+) -> Image.Image:
+    """Tile equally sized images row by row, ``gap`` grey pixels between and around the tiles.
+
+    ``columns`` defaults to a near-square grid. Images smaller than ``min_tile_size`` pixels (on their
+    shorter side) are upscaled by the smallest integer factor that reaches it, with nearest-neighbour
+    resampling. Every sample grid of the package (training scripts, evaluator, demo) is made here.
+    """
     if not images:
         raise ValueError("images must not be empty")
+    if min_tile_size < 1 or gap < 0:
+        raise ValueError(f"min_tile_size must be >= 1 and gap >= 0, got {min_tile_size} and {gap}")
+    sizes = {image.size for image in images}
+    if len(sizes) > 1:
+        raise ValueError(f"images must all have one size, got {sorted(sizes)}")
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size
-    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    scale = max(1, math.ceil(min_tile_size / min(width, height)))
+    tile_width, tile_height = width * scale, height * scale
+    mode = images[0].mode
+    grid_size = (columns * (tile_width + gap) + gap, rows * (tile_height + gap) + gap)
+    grid = Image.new("RGB", grid_size, GRID_BACKGROUND).convert(mode)
     for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+        if scale > 1:
+            image = image.resize((tile_width, tile_height), Image.Resampling.NEAREST)
+        x = gap + (index % columns) * (tile_width + gap)
+        y = gap + (index // columns) * (tile_height + gap)
+        grid.paste(image, (x, y))
     return grid
 
 

@@ -234,7 +234,11 @@ def load_model(source: str, max_parameters: int = DEFAULT_MAX_PARAMETERS) -> Loa
     files = _Files(source)
     index = files.json("model_index.json")
     pipeline_class = index.get("_class_name")
-    kind = PIPELINE_KINDS.get(pipeline_class)
+    if isinstance(pipeline_class, list) and len(pipeline_class) == 2:
+        # [module, class]: a pipeline shipped as code in the repo (FlowMatchingPipeline as pipeline.py). The app
+        # runs the UNet and a stock scheduler itself, so it needs only the class name, never that code.
+        pipeline_class = pipeline_class[1]
+    kind = PIPELINE_KINDS.get(pipeline_class if isinstance(pipeline_class, str) else None)
     if kind is None:
         raise SpaceError(
             f"`{source}` is a `{pipeline_class}`; this app samples unconditional pixel-space pipelines: "

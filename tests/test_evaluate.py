@@ -321,6 +321,15 @@ def test_evaluate_runs_writes_csv_markdown_plot_and_card_metrics(tmp_path, digit
     metrics = read_card_metadata(first)["immiscible_diffusers"]["metrics"]
     assert metrics["digits_fd"]["step"] == 30
     assert metrics["digits_fd"]["value"] == pytest.approx(by_key[("first", 30)]["value"], abs=1e-4)
+    # The Hub shows evaluation results only from model-index: the same score is there.
+    from huggingface_hub import ModelCard
+
+    card_data = ModelCard.load(first / "README.md").data
+    (result,) = card_data.eval_results
+    assert result.metric_type == "digits_fd" and result.metric_value == metrics["digits_fd"]["value"]
+    assert result.task_type == "unconditional-image-generation" and result.dataset_type == "sklearn-digits"
+    assert result.metric_args == {"step": 30, "sampler": "ddim", "num_inference_steps": 2, "num_samples": 24}
+    assert card_data.model_name == "t"
     assert not (second / "README.md").exists()
 
 

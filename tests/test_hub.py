@@ -342,9 +342,14 @@ def _save_custom_scheduler(run: Path) -> None:
     DDPMPipeline(unet=tiny_unet(), scheduler=ImmiscibleDDPMScheduler(num_train_timesteps=50)).save_pretrained(run)
 
 
-def _custom_pipeline_without_code(run: Path) -> None:
+def _custom_pipeline_without_code(run: Path, class_name=("pipeline", "FlowMatchingPipeline")) -> None:
     index = json.loads((run / "model_index.json").read_text())
-    (run / "model_index.json").write_text(json.dumps(index | {"_class_name": "FlowMatchingPipeline"}))
+    (run / "model_index.json").write_text(json.dumps(index | {"_class_name": class_name}))
+
+
+def _custom_pipeline_code_without_module_name(run: Path) -> None:
+    _custom_pipeline_without_code(run, "FlowMatchingPipeline")
+    shutil.copyfile(Path(__file__).parents[1] / "immiscible_diffusers" / "pipeline_flow_matching.py", run / "pipeline.py")
 
 
 @pytest.mark.parametrize(
@@ -355,6 +360,10 @@ def _custom_pipeline_without_code(run: Path) -> None:
         (_save_custom_scheduler, r"scheduler is immiscible_diffusers.schedulers.ImmiscibleDDPMScheduler, which plain "
                                  r"diffusers cannot load.*immiscible-diffusers stock-scheduler"),
         (_custom_pipeline_without_code, "FlowMatchingPipeline .* is not a diffusers class and no pipeline.py"),
+        (lambda run: _custom_pipeline_without_code(run, "FlowMatchingPipeline"),
+         "FlowMatchingPipeline .* is not a diffusers class and no pipeline.py"),
+        (_custom_pipeline_code_without_module_name,
+         r'without its module: write "_class_name": \["pipeline", "FlowMatchingPipeline"\]'),
         (lambda run: (run / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04"),
          r"pickle files that would be published: \['unet/diffusion_pytorch_model.bin'\]"),
         (lambda run: (run / "unet" / "diffusion_pytorch_model.safetensors").unlink(), "holds no .safetensors weights"),
@@ -367,7 +376,8 @@ def _custom_pipeline_without_code(run: Path) -> None:
          r"links to files that would not be published: \['samples/step_000010.png'\]"),
         (lambda run: write_card(run, sample_grid="logs/grid.png"), r"would not be published: \['logs/grid.png'\]"),
     ],
-    ids=["no-folder", "no-pipeline", "custom-scheduler", "custom-pipeline", "pickle", "no-safetensors", "no-card",
+    ids=["no-folder", "no-pipeline", "custom-scheduler", "custom-pipeline", "custom-pipeline-plain-name",
+         "custom-pipeline-no-module", "pickle", "no-safetensors", "no-card",
          "card-yaml", "card-metadata", "missing-sample", "excluded-link"],
 )
 def test_plan_push_refuses_what_plain_diffusers_or_the_hub_cannot_take(run_copy, damage, message):
@@ -394,7 +404,34 @@ def test_a_custom_pipeline_shipped_as_pipeline_py_is_published_with_a_note(run_c
     shutil.copyfile(source, run_copy / "pipeline.py")
     plan = plan_push(run_copy)
     assert "pipeline.py" in plan.files
-    assert any("custom_pipeline='pipeline', trust_remote_code=True" in note for note in plan.notes)
+    assert plan.pipeline_class == "FlowMatchingPipeline"
+    assert any("DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)" in note for note in plan.notes)
+
+
+def test_a_pushed_flow_matching_run_loads_with_trust_remote_code(tmp_path):
+    """The diffusers way from a pushed repo: model_index names ["pipeline", class], pipeline.py is published."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from immiscible_diffusers.flow_matching import FlowMatchingPipeline, save_flow_matching_pipeline
+
+    run = tmp_path / "flow"
+    save_flow_matching_pipeline(FlowMatchingPipeline(unet=tiny_unet(), scheduler=FlowMatchEulerDiscreteScheduler()), run)
+    (run / "samples").mkdir()
+    Image.new("L", (16, 16), color=128).save(run / "samples" / "step_000010.png")
+    write_card(run)
+    with LocalHubServer(token=TOKEN) as server:
+        result = run_cli(["push", str(run), "--repo-id", "alice/tiny-flow"], server.url, TOKEN, tmp_path / "hf_home")
+        assert result.returncode == 0, result.stderr
+        files = server.branch_files("alice/tiny-flow")
+    assert "pipeline.py" in files
+    assert json.loads(files["model_index.json"])["_class_name"] == ["pipeline", "FlowMatchingPipeline"]
+    repo = tmp_path / "repo"
+    for path, content in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_bytes(content)
+    pipeline = DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)
+    assert type(pipeline).__name__ == "FlowMatchingPipeline" and type(pipeline).__module__.startswith("diffusers_modules")
+    assert pipeline(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
 
 
 def test_a_lora_run_is_recognised_and_its_checkpoint_adapters_can_go(tmp_path, capsys):
@@ -472,7 +509,10 @@ def test_card_command_adds_the_evaluators_plot_and_table(run_copy, tmp_path, cap
     ]
     results = EvaluationResults(rows=rows, settings={"num_inference_steps": 2, "num_samples": 4, "seed": 0})
     write_results(results, tmp_path / "eval")
-    add_metrics_to_model_cards(results, [run_copy])
+    for _ in range(2):  # a second evaluation replaces the scores in model-index
+        add_metrics_to_model_cards(results, [run_copy])
+    (result,) = ModelCard.load(run_copy / "README.md").data.eval_results
+    assert (result.metric_type, result.metric_value, result.metric_args["step"]) == ("digits_fd", 25.5, 10)
     for _ in range(2):  # a second evaluation replaces the section
         assert cli.main(["card", str(run_copy), "--evaluation-dir", str(tmp_path / "eval")]) == 0
     text = (run_copy / "README.md").read_text()

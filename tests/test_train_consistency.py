@@ -394,7 +394,8 @@ def test_run_writes_pipeline_card_logs_and_samples(trained, name):
     assert f"samples/step_{steps:06d}.png" in readme
 
     grid = Image.open(output_dir / "samples" / f"step_{steps:06d}.png")
-    assert grid.size == (16, 16) and grid.mode == "L"  # rows: one-step and two-step samples, 2 images each
+    # rows: one-step and two-step samples, 2 images each; 8x8 tiles shown at 48x48 with 2-px gaps
+    assert grid.size == (2 * 50 + 2, 2 * 50 + 2) and grid.mode == "L"
     (events,) = (output_dir / "logs").rglob("events.out.tfevents.*")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

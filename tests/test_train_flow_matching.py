@@ -124,7 +124,8 @@ def test_run_writes_pipeline_card_logs_and_samples(trained, name):
     output_dir = trained(name)
 
     model_index = json.loads((output_dir / "model_index.json").read_text())
-    assert model_index["_class_name"] == "FlowMatchingPipeline"
+    # diffusers' form for a pipeline shipped as code in the folder: module pipeline.py, class FlowMatchingPipeline
+    assert model_index["_class_name"] == ["pipeline", "FlowMatchingPipeline"]
     assert model_index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]  # the stock class
     assert model_index["unet"] == ["diffusers", "UNet2DModel"]
     scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
@@ -149,11 +150,13 @@ def test_run_writes_pipeline_card_logs_and_samples(trained, name):
     assert card["assignment"] == name and card["global_step"] == STEPS and card["resolution"] == 8
     assert card["weighting_scheme"] == "none" and card["flow_shift"] == 1.0
     readme = (output_dir / "README.md").read_text()
-    assert 'custom_pipeline="pipeline", trust_remote_code=True' in readme and "2406.12303" in readme
+    assert f'DiffusionPipeline.from_pretrained("{output_dir}", trust_remote_code=True)' in readme
+    assert "custom_pipeline" not in readme and "2406.12303" in readme
     assert f"samples/step_{STEPS:06d}.png" in readme
 
     grid = Image.open(output_dir / "samples" / f"step_{STEPS:06d}.png")
-    assert grid.size == (16, 8) and grid.mode == "L"  # two 8x8 grayscale samples side by side
+    # two 8x8 grayscale samples side by side, shown at 48x48 with 2-px gaps
+    assert grid.size == (2 * 50 + 2, 50 + 2) and grid.mode == "L"
 
     rows = read_train_log(output_dir / "train_log.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
@@ -199,20 +202,30 @@ def test_saved_pipeline_samples_in_a_fresh_process_with_plain_diffusers(trained,
             generator = torch.Generator().manual_seed(0)
             return pipeline(batch_size=2, num_inference_steps=3, output_type="np", generator=generator).images
 
-        pipeline = DiffusionPipeline.from_pretrained({str(output_dir)!r}, custom_pipeline="pipeline", trust_remote_code=True)
+        # Without trust_remote_code diffusers itself says what to pass.
+        try:
+            DiffusionPipeline.from_pretrained({str(output_dir)!r})
+        except ValueError as error:
+            assert "trust_remote_code=True" in str(error), error
+        else:
+            raise AssertionError("loaded custom code without trust_remote_code")
+
+        pipeline = DiffusionPipeline.from_pretrained({str(output_dir)!r}, trust_remote_code=True)
         plain = sample(pipeline)
         assert plain.shape == (2, 8, 8, 1) and np.isfinite(plain).all(), plain.shape
         assert plain.min() >= 0 and plain.max() <= 1
         assert not [m for m in sys.modules if m.startswith("immiscible_diffusers")]
-        print(type(pipeline).__name__, type(pipeline.scheduler).__name__)
+        print(type(pipeline).__module__, type(pipeline).__name__, type(pipeline.scheduler).__name__)
 
         from immiscible_diffusers.flow_matching import FlowMatchingPipeline
-        ours = sample(FlowMatchingPipeline.from_pretrained({str(output_dir)!r}))
-        assert np.array_equal(plain, ours)
+        ours_pipeline = FlowMatchingPipeline.from_pretrained({str(output_dir)!r})
+        assert type(ours_pipeline) is FlowMatchingPipeline  # this package's class, not the folder's copy
+        assert np.array_equal(plain, sample(ours_pipeline))
         """
     )
     result = _run([sys.executable, "-c", code], timeout=120, HF_MODULES_CACHE=str(tmp_path / "modules"))
-    assert "FlowMatchingPipeline FlowMatchEulerDiscreteScheduler" in result.stdout
+    # The class came from the folder's pipeline.py (diffusers' dynamic module), not from this package.
+    assert "diffusers_modules.local.pipeline FlowMatchingPipeline FlowMatchEulerDiscreteScheduler" in result.stdout
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import torch  # noqa: E402
 
 from immiscible_diffusers.data import DIGITS_NUM_IMAGES  # noqa: E402
-from immiscible_diffusers.evaluate import evaluate_runs, write_results  # noqa: E402
+from immiscible_diffusers.evaluate import add_metrics_to_model_cards, evaluate_runs, write_results  # noqa: E402
 from immiscible_diffusers.training import TRAIN_LOG_NAME, read_train_log, relative_reduction  # noqa: E402
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_unconditional.py"
@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
             num_samples=args.num_eval_samples,
         )
         evaluation = {name: str(path) for name, path in write_results(results, args.output_dir / "evaluation").items()}
+        add_metrics_to_model_cards(results, list(run_dirs.values()))  # both cards: model-index and our metrics
 
     for name, run_dir in run_dirs.items():
         runs[name].update(final_losses(run_dir))

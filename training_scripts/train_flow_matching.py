@@ -20,8 +20,8 @@ With no ``--dataset_name``/``--train_data_dir`` it trains on scikit-learn's bund
         --assignment knn
 
 The output folder holds a ``FlowMatchingPipeline`` (stock ``UNet2DModel`` and ``FlowMatchEulerDiscreteScheduler``)
-with its code as ``pipeline.py``, so it loads with plain diffusers:
-``DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)``.
+with its code as ``pipeline.py`` (``model_index.json``: ``"_class_name": ["pipeline", "FlowMatchingPipeline"]``),
+so it loads with plain diffusers: ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
 """
 
 from __future__ import annotations
@@ -430,8 +430,8 @@ def save_pipeline_with_card(
     usage = f"""
 from diffusers import DiffusionPipeline
 
-# The pipeline class ships with the model as pipeline.py (torch and diffusers only).
-pipeline = DiffusionPipeline.from_pretrained("{repo}", custom_pipeline="pipeline", trust_remote_code=True)
+# The pipeline class ships with the model as pipeline.py (torch and diffusers only), named in model_index.json.
+pipeline = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)
 images = pipeline(batch_size=16, num_inference_steps=50).images  # Euler steps, FlowMatchEulerDiscreteScheduler
 
 # or, with immiscible-diffusers installed (no remote code):

@@ -1,15 +1,19 @@
 """The Gradio Space (spaces_app/): sampling, the API, the error paths, and a real headless Chromium.
 
 Tiny pipelines (8x8 grayscale UNets with random weights) are built from configs and saved with model
-cards; the app is started with its own command line (``python spaces_app/app.py --vanilla ... --port``)
-on 127.0.0.1 and driven through its API with ``gradio_client`` and through the page with playwright
-and Debian's ``chromium`` (``make browser-deps`` installs it; ``SKIP_BROWSER_TESTS=1`` skips those tests).
-Screenshots land in ``test-artifacts/``.
+cards; one tiny DDPM model is trained for real (``train_unconditional.py``, ~20 s) to count saturated tiles
+per sampler. The app is started with its own command line (``python spaces_app/app.py --vanilla ... --port``)
+on 127.0.0.1, once locally and once in Space mode (``SPACE_ID`` set, its models in a Hub cache made here:
+the real cache layout, read offline), and driven through its API with ``gradio_client`` and through the
+page with playwright and Debian's ``chromium`` (``make browser-deps`` installs it; ``SKIP_BROWSER_TESTS=1``
+skips those tests). Screenshots land in ``test-artifacts/``.
 """
 
 from __future__ import annotations
 
 import ast
+import concurrent.futures
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -33,9 +37,11 @@ from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     UNet2DModel,
 )
+from huggingface_hub import EvalResult, ModelCard
 from PIL import Image
 
 from immiscible_diffusers.flow_matching import FlowMatchingPipeline, save_flow_matching_pipeline
@@ -52,6 +58,9 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 # Work the test server allows per request: both tiny models at 4 images x 20 steps (see test_request_is_capped).
 BUDGET_IMAGE_STEPS = 4 * 20
+TRAIN_SCRIPT = REPO / "training_scripts" / "train_unconditional.py"
+# Hub ids of the Space-mode server's models (put in its Hub cache by the `hub_cache` fixture).
+HUB_MODELS = {"vanilla": "tiny/ddpm-vanilla", "immiscible": "tiny/ddpm-immiscible", "flow_code": "tiny/flow-code"}
 
 
 def _load_app():
@@ -97,11 +106,20 @@ def save_card(folder: Path, assignment: str, **extra) -> None:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("space_models")
-    folders = {name: root / name for name in ("vanilla", "immiscible", "cm_a", "cm_b", "flow", "unsupported", "empty")}
+    names = ("vanilla", "immiscible", "cm_a", "cm_b", "flow", "flow_code", "unsupported", "empty")
+    folders = {name: root / name for name in names}
     DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
         folders["vanilla"]
     )
     save_card(folders["vanilla"], "none")
+    card = ModelCard.load(folders["vanilla"] / "README.md")  # a model-index, as the Hub shows quality figures
+    card.data.model_name = "tiny none"
+    card.data.eval_results = [
+        EvalResult(task_type="unconditional-image-generation", dataset_type="sklearn-digits",
+                   dataset_name="digits", dataset_split="test", metric_type="frechet_distance",
+                   metric_name="digits FD", metric_value=3.21),
+    ]  # fmt: skip
+    card.save(folders["vanilla"] / "README.md")
     DDPMPipeline(unet=tiny_unet(1), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
         folders["immiscible"]
     )
@@ -116,6 +134,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
     save_flow_matching_pipeline(
         FlowMatchingPipeline(unet=tiny_unet(4), scheduler=FlowMatchEulerDiscreteScheduler()), folders["flow"]
     )
+    # The pipeline shipped as code beside the model: diffusers loads it with trust_remote_code.
+    save_flow_matching_pipeline(
+        FlowMatchingPipeline(unet=tiny_unet(5), scheduler=FlowMatchEulerDiscreteScheduler()), folders["flow_code"]
+    )
+    index = json.loads((folders["flow_code"] / "model_index.json").read_text())
+    index["_class_name"] = ["pipeline", "FlowMatchingPipeline"]
+    (folders["flow_code"] / "model_index.json").write_text(json.dumps(index))
     folders["unsupported"].mkdir()
     (folders["unsupported"] / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     folders["empty"].mkdir()
@@ -128,17 +153,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
+def _start_app(tmp_path_factory, vanilla: str, immiscible: str, **env_vars: str):
     """The app, started as a user starts it (its command line), on 127.0.0.1; yields its URL."""
     num_parameters = sum(p.numel() for p in tiny_unet(0).parameters())
     budget = 2 * num_parameters * 8 * 8 * BUDGET_IMAGE_STEPS
     port = _free_port()
     log_path = tmp_path_factory.mktemp("space_log") / "app.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1")
-    env.pop("SPACE_ID", None)
+    for name in ("SPACE_ID", "ALLOWED_MODELS", "VANILLA_MODEL", "IMMISCIBLE_MODEL"):
+        env.pop(name, None)
+    env.update(env_vars)
     command = [
-        sys.executable, str(APP_FILE), "--vanilla", str(models["vanilla"]), "--immiscible", str(models["immiscible"]),
+        sys.executable, str(APP_FILE), "--vanilla", vanilla, "--immiscible", immiscible,
         "--host", "127.0.0.1", "--port", str(port), "--compute_budget", str(budget), "--max_queue", "4",
     ]  # fmt: skip
     with open(log_path, "w") as log:
@@ -167,10 +193,62 @@ def server(models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    yield from _start_app(tmp_path_factory, str(models["vanilla"]), str(models["immiscible"]))
+
+
+@pytest.fixture(scope="module")
 def client(server):
     from gradio_client import Client
 
     return Client(server, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def hub_cache(models, tmp_path_factory) -> Path:
+    """A Hub cache holding three of the tiny models under Hub ids, in the layout huggingface_hub reads offline
+    (``models--owner--name/refs/main`` naming a ``snapshots/<commit>/`` folder)."""
+    cache = tmp_path_factory.mktemp("hub_cache")
+    for name, repo_id in HUB_MODELS.items():
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        shutil.copytree(models[name], repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def space_server(hub_cache, tmp_path_factory):
+    """The app as it runs on a Space: SPACE_ID set, its models Hub ids (from the cache, offline)."""
+    yield from _start_app(
+        tmp_path_factory, HUB_MODELS["vanilla"], HUB_MODELS["immiscible"], SPACE_ID="someone/immiscible",
+        HF_HUB_CACHE=str(hub_cache),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def space_client(space_server):
+    from gradio_client import Client
+
+    return Client(space_server, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory) -> Path:
+    """A tiny DDPM model trained for real with the main job's script and schedule (1000 linear timesteps,
+    epsilon, clip_sample): 300 steps at 8x8, ~20 s. Untrained weights would not show saturation."""
+    output_dir = tmp_path_factory.mktemp("trained") / "ddpm"
+    command = [
+        sys.executable, str(TRAIN_SCRIPT), "--output_dir", str(output_dir), "--resolution", "8",
+        "--unet_block_out_channels", "8,16", "--train_batch_size", "32", "--max_train_steps", "300",
+        "--learning_rate", "3e-3", "--lr_warmup_steps", "0", "--seed", "0", "--eval_batch_size", "2",
+        "--eval_scheduler", "ddim", "--ddpm_num_inference_steps", "2", "--assignment", "none",
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
 
 
 def gallery_arrays(gallery) -> list[np.ndarray]:
@@ -192,7 +270,9 @@ def test_sampling_loops_match_the_stock_pipelines(models):
     ddpm = space.load_model(str(models["vanilla"]))
     noise = space.initial_noise(seed, num_images, ddpm.image_shape)
     ours = space.sample_model(ddpm, "DDIM", 6, noise, seed)
-    stock = DDIMPipeline(unet=ddpm.unet, scheduler=DDIMScheduler.from_config(ddpm.scheduler_config))(
+    # The app samples DDPM-family models with trailing timesteps (the first step at t = T - 1 at any count).
+    ddim = DDIMScheduler.from_config({**ddpm.scheduler_config, "timestep_spacing": "trailing"})
+    stock = DDIMPipeline(unet=ddpm.unet, scheduler=ddim)(
         batch_size=num_images, generator=torch.Generator().manual_seed(seed), num_inference_steps=6, output_type="np"
     ).images
     np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), stock, atol=1e-5)
@@ -229,6 +309,114 @@ def test_other_diffusion_samplers_denoise(models, sampler):
         images = space.sample_model(model, sampler, steps, noise, 0)
         assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
         assert 0 <= images.min() and images.max() <= 1
+
+
+def saturated_tiles(images: torch.Tensor) -> int:
+    """Tiles (images in [0, 1]) with more than 90% of their pixels at 0 or 1: clipped noise, not a digit."""
+    clipped = ((images <= 0) | (images >= 1)).flatten(1).float().mean(1)
+    return int((clipped > 0.9).sum())
+
+
+def test_no_sampler_gives_saturated_tiles_on_a_trained_ddpm_model(trained_model):
+    """On a DDPM-trained model (the main job's schedule), unclipped Euler and DPM-Solver turned most of 64 tiles
+    into saturated noise (49 and 44 of 64 here at 50 and 20 steps); every sampler must give none."""
+    model = space.load_model(str(trained_model))
+    assert model.kind == "diffusion" and model.max_steps == 1000
+    noise = space.initial_noise(0, 64, model.image_shape)
+    counts = {}
+    for name in [name for name, sampler in space.SAMPLERS.items() if sampler.kind == "diffusion"]:
+        for steps in (5, space.SAMPLERS[name].default_steps, 50):
+            counts[name, steps] = saturated_tiles(space.sample_model(model, name, steps, noise, 0))
+    assert all(count == 0 for count in counts.values()), counts
+    # The clipping is what does it: Euler without it (the stock scheduler on the saved config) saturates.
+    euler = EulerDiscreteScheduler.from_config({**model.scheduler_config, "timestep_spacing": "trailing"})
+    euler.set_timesteps(50)
+    sample = noise * euler.init_noise_sigma
+    with torch.no_grad():
+        for t in euler.timesteps:
+            output = model.unet(euler.scale_model_input(sample, t), t).sample
+            sample = euler.step(output, t, sample).prev_sample
+    assert saturated_tiles((sample / 2 + 0.5).clamp(0, 1)) > 16
+
+
+def test_every_sampler_works_at_its_most_steps(trained_model, models):
+    """The steps range the UI offers works to its end: DPM-Solver at 1000 steps raised an IndexError."""
+    for source, names in [
+        (trained_model, ["DPM-Solver", "DDIM", "Euler", "DDPM"]),
+        (models["cm_a"], ["Consistency one-step", "Consistency few-step"]),
+    ]:
+        model = space.load_model(str(source))
+        noise = space.initial_noise(0, 2, model.image_shape)
+        for name in names:
+            images = space.sample_model(model, name, model.max_steps, noise, 0)
+            assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all(), name
+    assert space.load_model(str(models["cm_a"])).max_steps == 40
+    assert space.load_model(str(models["flow"])).max_steps == space.MAX_STEPS
+
+
+def test_default_sampling_is_one_constant():
+    for kind, (sampler, steps) in space.DEFAULT_SAMPLING.items():
+        assert space.SAMPLERS[sampler].kind == kind and space.SAMPLERS[sampler].min_steps <= steps
+    assert space.DEFAULT_SAMPLING["diffusion"] == ("DDIM", 50)
+
+
+def test_space_mode_refuses_local_paths_without_looking(models, monkeypatch, tmp_path):
+    """Space mode: whatever is not a Hub id gets one message, existing or not, and the filesystem is not
+    touched (a message that differed would let a visitor map the server's folders)."""
+    public = space.ModelPolicy(public=True)
+    attempts = [str(models["vanilla"]), "/no/such/folder", "../../etc", "/etc", "~", "outputs/demo/vanilla/",
+                "./vanilla", "C:\\Windows", "a/b/c", "owner/..", " "]  # fmt: skip
+
+    def no_filesystem(*args, **kwargs):
+        raise AssertionError(f"the filesystem was looked at: {args}")
+
+    messages = set()
+    with monkeypatch.context() as patch:
+        for name in ("is_dir", "exists", "is_file", "stat", "expanduser"):
+            patch.setattr(Path, name, no_filesystem)
+        patch.setattr(os.path, "exists", no_filesystem)
+        patch.setattr(os.path, "isdir", no_filesystem)
+        for source in attempts[:-1]:
+            with pytest.raises(space.SpaceError) as error:
+                space.load_model(source, policy=public)
+            messages.add(str(error.value))
+    assert messages == {space.PUBLIC_REFUSAL}
+    # An id-shaped text that is also a folder here is still a Hub id: the folder is not loaded.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(models["vanilla"], tmp_path / "owner" / "name")
+    with pytest.raises(space.SpaceError, match="Could not reach the Hub to load `owner/name`"):
+        space.load_model("owner/name", policy=public)
+    assert space.load_model("owner/name").source == "owner/name"  # locally, folders keep working
+    # An allow-list refuses other ids with one message.
+    allowed = space.ModelPolicy(public=True, allowed=frozenset({"a/b"}))
+    for source in ("c/d", str(models["vanilla"])):
+        with pytest.raises(space.SpaceError, match=r"This Space loads only these models: a/b\.|Hub only"):
+            space.load_model(source, policy=allowed)
+    # The command line: --public or SPACE_ID; the operator's models must be Hub ids there.
+    monkeypatch.setenv("SPACE_ID", "someone/space")
+    args = space.parse_args(["--allowed_models", "a/b, c/d"])
+    assert args.public and args.allowed_models == ["a/b", "c/d"]
+    policy = space.model_policy(args, "x/vanilla", "x/immiscible")
+    assert policy.allowed == {"a/b", "c/d", "x/vanilla", "x/immiscible"} and policy.trusted == {"x/vanilla", "x/immiscible"}
+    with pytest.raises(SystemExit) as exit_info:
+        space.model_policy(args, str(models["vanilla"]), "x/immiscible")
+    assert exit_info.value.code == 2
+    monkeypatch.delenv("SPACE_ID")
+    assert not space.parse_args([]).public and space.parse_args(["--public"]).public
+    for flags in (["--public", "--allowed_models", "/etc"], ["--allowed_models", "a/b"]):
+        with pytest.raises(SystemExit):
+            space.parse_args(flags)
+
+
+def test_flow_pipeline_shipped_as_code_loads(models):
+    """model_index `_class_name: ["pipeline", "FlowMatchingPipeline"]`: loaded with diffusers' trust_remote_code;
+    in Space mode only for the operator's models."""
+    model = space.load_model(str(models["flow_code"]))
+    assert (model.kind, model.pipeline_class) == ("flow", "FlowMatchingPipeline")
+    noise = space.initial_noise(0, 2, model.image_shape)
+    assert torch.isfinite(space.sample_model(model, "Flow Euler", 3, noise, 0)).all()
+    public = space.ModelPolicy(public=True, trusted=frozenset({"x/y"}))
+    assert public.may_run_code("x/y") and not public.may_run_code("x/z") and space.ModelPolicy().may_run_code("x/z")
 
 
 def test_loading_refuses_what_it_cannot_sample(models):
@@ -290,6 +478,9 @@ def test_card_facts(models):
     assert "| digits_fd | **12.3456** (step 30, sampler ddim, steps 50, samples 256) |" in facts
     facts = space.card_facts_markdown(space.load_model(str(models["cm_a"])))
     assert "ConsistencyModelPipeline" in facts and "no `immiscible_diffusers` training facts" in facts
+    # The card's model-index (the Hub's place for quality figures) is shown when present.
+    facts = space.card_facts_markdown(space.load_model(str(models["vanilla"])))
+    assert "| quality (card's model-index) | value | dataset |" in facts and "| digits FD | **3.21** | digits (test) |" in facts
 
 
 # --------------------------------------------------------------------------------------------------

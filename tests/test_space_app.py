@@ -535,6 +535,9 @@ def test_api_load_models_shows_training_facts(client, models):
     assert "none (vanilla pairing)" in vanilla_facts and "| assignment | linear |" in immiscible_facts
     assert "**12.3456**" in immiscible_facts and "Both models loaded" in status
     assert sampler["value"] == "DDIM" and sampler["info"] == "For these models: DDIM, DPM-Solver, Euler, DDPM."
+    assert [choice[0] for choice in sampler["choices"]] == ["DDIM", "DPM-Solver", "Euler", "DDPM"]
+    assert steps["maximum"] == 100 and steps["value"] == 50  # the tiny models have 100 training timesteps
+    assert "| digits FD | **3.21** | digits (test) |" in vanilla_facts  # the card's model-index
 
 
 def test_api_generates_both_side_by_side(client, models):
@@ -566,7 +569,7 @@ def test_api_same_seed_same_noise(client, models):
     "pair, sampler, steps",
     [(("vanilla", "immiscible"), "Euler", 3), (("vanilla", "immiscible"), "DPM-Solver", 3),
      (("cm_a", "cm_b"), "Consistency one-step", 1), (("cm_a", "cm_b"), "Consistency few-step", 3),
-     (("flow", "flow"), "Flow Euler", 3)],
+     (("flow", "flow"), "Flow Euler", 3), (("flow_code", "flow"), "Flow Euler", 3)],
 )  # fmt: skip
 def test_api_samplers(client, models, pair, sampler, steps):
     vanilla, vanilla_time, immiscible, _, _ = generate(client, models[pair[0]], models[pair[1]], sampler, steps, 1, 2)
@@ -579,6 +582,7 @@ def test_api_load_offers_the_samplers_of_the_models(client, models):
     )
     assert "Both models loaded" in status
     assert sampler["info"] == "For these models: Consistency one-step, Consistency few-step."
+    assert [choice[0] for choice in sampler["choices"]] == ["Consistency one-step", "Consistency few-step"]
     assert sampler["value"] == "Consistency one-step" and steps["value"] == 1 and steps["interactive"] is False
 
 
@@ -592,22 +596,31 @@ def test_api_error_paths(client, models):
     from gradio_client.exceptions import AppError
 
     good = str(models["vanilla"])
-    # Bad controls: an error message, no images. Gradio checks the sliders' and the seed's ranges itself.
+    # Bad controls, of the wrong value or the wrong type: one clear message (no Gradio "upstream app raised an
+    # exception"), no images.
     for sampler, steps, seed, num_images, message in [
-        ("DDIM", 0, 0, 2, "Value 0 is less than minimum value 1."),
-        ("DDIM", 5000, 0, 2, "Value 5000 is greater than maximum value 1000."),
-        ("DDIM", 5, 0, 40, "Value 40 is greater than maximum value 16."),
-        ("DDIM", 5, -3, 2, "Value -3 is less than minimum value 0."),
+        ("DDIM", 0, 0, 2, "Steps for DDIM must be a whole number between 1 and 1000, got 0."),
+        ("DDIM", 5000, 0, 2, "Steps for DDIM must be a whole number between 1 and 1000, got 5000."),
+        ("DDIM", 5, 0, 40, "Number of images must be a whole number between 1 and 16, got 40."),
+        ("DDIM", 5, -3, 2, "Seed must be a whole number between 0 and 4294967295, got -3."),
         ("DDIM", 2.5, 0, 2, "Steps for DDIM must be a whole number between 1 and 1000, got 2.5."),
+        ("DDIM", "ten", 0, 2, "Steps for DDIM must be a whole number between 1 and 1000, got 'ten'."),
+        ("DDIM", 5, "abc", 2, "Seed must be a whole number between 0 and 4294967295, got 'abc'."),
+        ("DDIM", 5, [1], 2, "Seed must be a whole number between 0 and 4294967295, got [1]."),
+        ("DDIM", 5, 0, None, "Number of images must be a whole number between 1 and 16, got None."),
+        (5, 5, 0, 2, "Unknown sampler 5; choose one of DDIM, DPM-Solver"),
         ("Consistency few-step", 1, 0, 2, "Steps for Consistency few-step must be a whole number between 2 and 1000"),
         ("DDIM", 200, 0, 2, "was trained with 100 timesteps: use at most that many steps."),
     ]:
-        with pytest.raises(AppError, match=re.escape(message)):
+        with pytest.raises(AppError, match=re.escape(message)) as error:
             generate(client, good, good, sampler, steps, seed, num_images)
+        assert "`" not in str(error.value)  # toasts show Markdown's backticks as typed
+    with pytest.raises(AppError, match=re.escape("A model must be given as text (a Hub id or a folder), got 3.")):
+        client.predict(3, 4, "DDIM", 5, 0, 2, api_name="/generate")
     with pytest.raises(AppError, match="sample it with Consistency one-step or Consistency few-step, not DDIM"):
         generate(client, models["cm_a"], models["cm_b"], "DDIM", 5, 0, 2)
     # Both models missing: an error; one missing: the other is still sampled, with the reason shown.
-    with pytest.raises(AppError, match="Local folder `outputs/demo/missing-run` not found. Run `make demo` first"):
+    with pytest.raises(AppError, match="Local folder outputs/demo/missing-run not found. Run make demo first"):
         generate(client, "outputs/demo/missing-run", "/no/such/folder")
     vanilla, vanilla_time, immiscible, immiscible_time, status = generate(client, "/no/such/folder", good)
     assert vanilla == [] and len(immiscible) == 3
@@ -624,6 +637,54 @@ def test_api_error_paths(client, models):
     # ... and the app still works.
     vanilla, *_ = generate(client, good, good, "DDIM", 2, 0, 1)
     assert len(vanilla) == 1
+
+
+def test_api_eight_concurrent_requests_are_answered_or_cleanly_rejected(client, models):
+    """One request samples at a time and 4 may wait (the test server's --max_queue): of 8 at once, each gets its
+    images or a clear "queue is full", and the app serves the next request normally."""
+    def one(seed: int):
+        job = client.submit(str(models["vanilla"]), str(models["immiscible"]), "DDIM", 20, seed, 4, api_name="/generate")
+        try:
+            return "answered", job.result(timeout=300)
+        except Exception as error:  # noqa: BLE001 - what the client raises for a rejected request
+            return "rejected", str(error)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    answered = [result for kind, result in results if kind == "answered"]
+    rejected = [result for kind, result in results if kind == "rejected"]
+    assert len(answered) >= 5 and len(answered) + len(rejected) == 8, results
+    for vanilla, *_, status in answered:
+        assert len(vanilla) == 4 and "both models sampled from the same starting noise" in status
+    for message in rejected:
+        assert re.search("queue is full", message, re.IGNORECASE), message
+    assert len(generate(client, models["vanilla"], models["immiscible"])[0]) == 3
+
+
+def test_api_space_mode(space_client, models):
+    """On a Space (SPACE_ID set): Hub ids load and sample; every local path gets one message, existing or not."""
+    from gradio_client.exceptions import AppError
+
+    vanilla_facts, immiscible_facts, status, sampler, _ = space_client.predict(
+        HUB_MODELS["vanilla"], HUB_MODELS["immiscible"], "DDIM", 50, api_name="/load_models"
+    )
+    assert "Both models loaded" in status and "| assignment | linear |" in immiscible_facts
+    vanilla, _, immiscible, _, status = space_client.predict(
+        HUB_MODELS["vanilla"], HUB_MODELS["immiscible"], "DDIM", 5, 0, 2, api_name="/generate"
+    )
+    assert len(vanilla) == len(immiscible) == 2
+    refusals = set()
+    for path in (str(models["vanilla"]), str(models["empty"]), "/no/such/folder", "../../etc", "/etc", "spaces_app/"):
+        facts, *_ = space_client.predict(path, HUB_MODELS["immiscible"], "DDIM", 50, api_name="/load_models")
+        refusals.add(facts)
+        with pytest.raises(AppError) as error:
+            space_client.predict(path, path, "DDIM", 5, 0, 2, api_name="/generate")
+        refusals.add(str(error.value))
+    assert refusals == {f"**Not loaded.** {space.PUBLIC_REFUSAL}", space.plain(f"Vanilla model: {space.PUBLIC_REFUSAL}"
+                        f" Immiscible model: {space.PUBLIC_REFUSAL}")}, refusals  # fmt: skip
+    # A pipeline that ships its own code runs it only for the operator's models.
+    facts, *_ = space_client.predict(HUB_MODELS["flow_code"], HUB_MODELS["immiscible"], "DDIM", 50, api_name="/load_models")
+    assert "ships its own pipeline code (`pipeline.py`)" in facts
 
 
 # --------------------------------------------------------------------------------------------------

@@ -729,10 +729,24 @@ def test_browser_generate_and_errors(browser, server, models):
         page.locator("#seed input").press("Enter")
         page.locator("#num-images input[type=number]").fill("4")
         page.locator("#num-images input[type=number]").press("Enter")
+        # Record every text the progress strip and the immiscible panel show while sampling.
+        page.evaluate("""() => {
+            window.seen = {progress: [], immiscible: []};
+            const record = () => {
+                const progress = document.querySelector('#progress');
+                const panel = document.querySelector('#immiscible-gallery').closest('.column');
+                if (progress) window.seen.progress.push(progress.innerText);
+                window.seen.immiscible.push(panel.innerText);
+            };
+            new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true});
+        }""")
         page.locator("#generate-button").click()
         for side in ("vanilla", "immiscible"):
             expect(page.locator(f"#{side}-gallery .thumbnail-item img")).to_have_count(4, timeout=60_000)
             expect(page.locator(f"#{side}-time")).to_contain_text("for 4 images, DPM-Solver, 4 steps")
+        seen = page.evaluate("window.seen")
+        assert any("Sampling the vanilla model: step" in text for text in seen["progress"]), seen["progress"][-5:]
+        assert not any("vanilla" in text.lower() for text in seen["immiscible"]), seen["immiscible"]
         expect(page.locator("#status")).to_contain_text("Seed 11: both models sampled from the same starting noise.")
         for image in page.locator("#vanilla-gallery .thumbnail-item img").all():
             assert image.evaluate("img => img.complete && img.naturalWidth") == 128
@@ -750,6 +764,31 @@ def test_browser_generate_and_errors(browser, server, models):
         expect(page.locator("#vanilla-time")).to_contain_text("Not sampled.", timeout=60_000)
         expect(page.locator("#immiscible-gallery .thumbnail-item img")).to_have_count(4)
         page.screenshot(path=str(ARTIFACTS / "space_app_missing_model.png"), full_page=True)
+
+        # A request that fails (neither model loads): the timings of the run before go, the status says why,
+        # the toast shows no Markdown backticks, and Gradio's error badge does not cover the status text.
+        page.locator("#immiscible-model textarea").fill("/no/such/folder")
+        page.locator("#generate-button").click()
+        expect(page.locator("#status")).to_contain_text("Not sampled:", timeout=60_000)
+        expect(page.locator("#status")).to_contain_text("/no/such/folder not found")
+        for side in ("vanilla", "immiscible"):
+            expect(page.locator(f"#{side}-time")).to_have_text("")
+            expect(page.locator(f"#{side}-gallery .thumbnail-item img")).to_have_count(0)
+        toast = page.locator(".toast-body").filter(has_text="Local folder")
+        expect(toast.first).to_be_visible()
+        assert "`" not in toast.first.inner_text()
+        status_box = page.locator("#status").bounding_box()
+        badges = page.get_by_text("Error", exact=True)
+        for index in range(badges.count()):
+            if badges.nth(index).is_visible():
+                badge = badges.nth(index).bounding_box()
+                overlaps = not (
+                    badge["x"] + badge["width"] <= status_box["x"] or status_box["x"] + status_box["width"] <= badge["x"]
+                    or badge["y"] + badge["height"] <= status_box["y"]
+                    or status_box["y"] + status_box["height"] <= badge["y"]
+                )  # fmt: skip
+                assert not overlaps, (badge, status_box)
+        page.screenshot(path=str(ARTIFACTS / "space_app_failed_request.png"), full_page=True)
     except Exception:
         page.screenshot(path=str(ARTIFACTS / "space_app_failure.png"), full_page=True)
         raise

@@ -911,8 +911,9 @@ def build_demo(config: AppConfig) -> gr.Blocks:
 
         load_outputs = [vanilla_facts, immiscible_facts, status_md, sampler_radio, steps_slider]
         load_inputs = [vanilla_box, immiscible_box, sampler_radio, steps_slider]
-        demo.load(on_page_load, load_inputs, load_outputs, api_visibility="private")
-        load_button.click(on_load_click, load_inputs, load_outputs, api_name="load_models")
+        # Raw inputs here too: the sampler choices an API session last saw must not make Gradio refuse its value.
+        demo.load(on_page_load, load_inputs, load_outputs, api_visibility="private", preprocess=False)
+        load_button.click(on_load_click, load_inputs, load_outputs, api_name="load_models", preprocess=False)
         sampler_radio.input(
             on_sampler_change, [sampler_radio, vanilla_box, immiscible_box], steps_slider, api_visibility="private"
         )

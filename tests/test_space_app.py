@@ -718,6 +718,11 @@ def test_browser_generate_and_errors(browser, server, models):
         page.goto(server)
         expect(page.locator("#status")).to_contain_text("Both models loaded", timeout=60_000)
         expect(page.locator("#immiscible-facts")).to_contain_text("12.3456")
+        expect(page.locator("#vanilla-facts")).to_contain_text("digits FD")  # the card's model-index
+        expect(page.locator("#vanilla-facts")).to_contain_text("3.21")
+        # Only the samplers of DDPM-family models are offered.
+        expect(page.locator("#sampler input[type=radio]")).to_have_count(4)
+        assert page.locator("#sampler").get_by_label("Flow Euler", exact=True).count() == 0
 
         expect(page.locator("#steps input[type=number]")).to_have_value("50")  # DDIM's default
         page.locator("#sampler").get_by_label("DPM-Solver", exact=True).check()
@@ -791,6 +796,38 @@ def test_browser_generate_and_errors(browser, server, models):
         page.screenshot(path=str(ARTIFACTS / "space_app_failed_request.png"), full_page=True)
     except Exception:
         page.screenshot(path=str(ARTIFACTS / "space_app_failure.png"), full_page=True)
+        raise
+    finally:
+        page.close()
+
+
+@pytest.mark.browser
+def test_browser_space_mode_refuses_local_paths(browser, space_server, models):
+    """On a Space, a visitor who types a folder that exists and one that does not sees the same message."""
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    try:
+        page.goto(space_server)
+        expect(page.locator("#status")).to_contain_text("Both models loaded", timeout=60_000)
+        page.get_by_text("Models (Hub ids)").click()
+        shown = []
+        for path in (str(models["vanilla"]), "/no/such/folder"):
+            page.locator("#vanilla-model textarea").fill(path)
+            page.locator("#load-button").click()
+            expect(page.locator("#vanilla-facts")).to_contain_text("Not loaded.", timeout=30_000)
+            shown.append(page.locator("#vanilla-facts").inner_text())
+            page.locator("#vanilla-model textarea").fill(HUB_MODELS["vanilla"])
+            page.locator("#load-button").click()
+            expect(page.locator("#vanilla-facts")).to_contain_text("DDPMPipeline", timeout=30_000)
+        assert shown[0] == shown[1] and "Hugging Face Hub only" in shown[0], shown
+        page.locator("#vanilla-model textarea").fill("/etc")
+        page.locator("#load-button").click()
+        expect(page.locator("#vanilla-facts")).to_have_text(shown[0], timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "space_app_space_mode.png"), full_page=True)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "space_app_space_mode_failure.png"), full_page=True)
         raise
     finally:
         page.close()

@@ -674,6 +674,11 @@ samplers give both the same per-step noise, so the differences come from the tra
 """
 
 
+# An empty block of the height of Gradio's progress text and bar (an empty HTML component collapses, and the
+# bar would then cover the status line below it).
+PROGRESS_STRIP = '<div style="height: 64px"></div>'
+
+
 def _gallery(label: str, elem_id: str) -> gr.Gallery:
     return gr.Gallery(
         label=label,
@@ -895,7 +900,7 @@ def build_demo(config: AppConfig) -> gr.Blocks:
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button", scale=1)
         # Progress and Gradio's error badge get a strip of their own, above both panels: on a panel the progress
         # of the other side would show, and on the status line the badge would cover its text.
-        progress_strip = gr.HTML("", elem_id="progress", min_height=40, padding=False)
+        progress_strip = gr.HTML(PROGRESS_STRIP, elem_id="progress", padding=False)
         status_md = gr.Markdown(elem_id="status")
         with gr.Row():
             with gr.Column():

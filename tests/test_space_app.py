@@ -736,11 +736,19 @@ def test_browser_generate_and_errors(browser, server, models):
         page.locator("#num-images input[type=number]").press("Enter")
         # Record every text the progress strip and the immiscible panel show while sampling.
         page.evaluate("""() => {
-            window.seen = {progress: [], immiscible: []};
+            window.seen = {progress: [], immiscible: [], overlaps: []};
             const record = () => {
                 const progress = document.querySelector('#progress');
                 const panel = document.querySelector('#immiscible-gallery').closest('.column');
-                if (progress) window.seen.progress.push(progress.innerText);
+                if (progress) {
+                    window.seen.progress.push(progress.innerText);
+                    // Nothing the progress shows (text, bar) may reach into the status line below it.
+                    const statusTop = document.querySelector('#status').getBoundingClientRect().top;
+                    for (const element of progress.querySelectorAll('*')) {
+                        const box = element.getBoundingClientRect();
+                        if (box.height > 0 && box.bottom > statusTop + 1) window.seen.overlaps.push(element.className);
+                    }
+                }
                 window.seen.immiscible.push(panel.innerText);
             };
             new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true});
@@ -752,6 +760,7 @@ def test_browser_generate_and_errors(browser, server, models):
         seen = page.evaluate("window.seen")
         assert any("Sampling the vanilla model: step" in text for text in seen["progress"]), seen["progress"][-5:]
         assert not any("vanilla" in text.lower() for text in seen["immiscible"]), seen["immiscible"]
+        assert seen["overlaps"] == [], seen["overlaps"]
         expect(page.locator("#status")).to_contain_text("Seed 11: both models sampled from the same starting noise.")
         for image in page.locator("#vanilla-gallery .thumbnail-item img").all():
             assert image.evaluate("img => img.complete && img.naturalWidth") == 128

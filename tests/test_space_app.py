@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -708,15 +709,44 @@ def browser():
         browser.close()
 
 
+@contextlib.contextmanager
+def loaded_page(browser, url: str, height: int, failure_png: str):
+    """A page of the app once both models show as loaded; a screenshot named ``failure_png`` if the test fails."""
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    try:
+        page.goto(url)
+        expect(page.locator("#status")).to_contain_text("Both models loaded", timeout=60_000)
+        yield page
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / failure_png), full_page=True)
+        raise
+    finally:
+        page.close()
+
+
+def fill_model_box(page, accordion: str, side: str, text: str) -> None:
+    """Type a model into a side's box, opening the Models panel first if needed (and waiting until it is open:
+    text typed while the panel is still opening can be lost)."""
+    from playwright.sync_api import expect
+
+    box = page.locator(f"#{side}-model textarea")
+    if not box.is_visible():
+        page.get_by_text(accordion).click()
+        expect(box).to_be_visible()
+        expect(box).to_have_value(re.compile(".+"))
+    box.fill(text)
+    box.press("Tab")
+    expect(box).to_have_value(text)
+
+
 @pytest.mark.browser
 def test_browser_generate_and_errors(browser, server, models):
     from playwright.sync_api import expect
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={"width": 1280, "height": 1400})
-    try:
-        page.goto(server)
-        expect(page.locator("#status")).to_contain_text("Both models loaded", timeout=60_000)
+    with loaded_page(browser, server, 1400, "space_app_failure.png") as page:
         expect(page.locator("#immiscible-facts")).to_contain_text("12.3456")
         expect(page.locator("#vanilla-facts")).to_contain_text("digits FD")  # the card's model-index
         expect(page.locator("#vanilla-facts")).to_contain_text("3.21")
@@ -751,13 +781,14 @@ def test_browser_generate_and_errors(browser, server, models):
                 }
                 window.seen.immiscible.push(panel.innerText);
             };
-            new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true});
+            window.observer = new MutationObserver(record);
+            window.observer.observe(document.body, {subtree: true, childList: true, characterData: true});
         }""")
         page.locator("#generate-button").click()
         for side in ("vanilla", "immiscible"):
             expect(page.locator(f"#{side}-gallery .thumbnail-item img")).to_have_count(4, timeout=60_000)
             expect(page.locator(f"#{side}-time")).to_contain_text("for 4 images, DPM-Solver, 4 steps")
-        seen = page.evaluate("window.seen")
+        seen = page.evaluate("window.observer.disconnect() || window.seen")
         assert any("Sampling the vanilla model: step" in text for text in seen["progress"]), seen["progress"][-5:]
         assert not any("vanilla" in text.lower() for text in seen["immiscible"]), seen["immiscible"]
         assert seen["overlaps"] == [], seen["overlaps"]
@@ -767,8 +798,7 @@ def test_browser_generate_and_errors(browser, server, models):
         page.screenshot(path=str(ARTIFACTS / "space_app.png"), full_page=True)
 
         # A missing folder: a clear message on the page, and the page keeps working.
-        page.get_by_text("Models (Hub ids or local folders)").click()
-        page.locator("#vanilla-model textarea").fill("outputs/demo/missing-run")
+        fill_model_box(page, "Models (Hub ids or local folders)", "vanilla", "outputs/demo/missing-run")
         page.locator("#load-button").click()
         expect(page.locator("#status")).to_contain_text(
             "Run make demo first", timeout=30_000
@@ -781,7 +811,7 @@ def test_browser_generate_and_errors(browser, server, models):
 
         # A request that fails (neither model loads): the timings of the run before go, the status says why,
         # the toast shows no Markdown backticks, and Gradio's error badge does not cover the status text.
-        page.locator("#immiscible-model textarea").fill("/no/such/folder")
+        fill_model_box(page, "Models (Hub ids or local folders)", "immiscible", "/no/such/folder")
         page.locator("#generate-button").click()
         expect(page.locator("#status")).to_contain_text("Not sampled:", timeout=60_000)
         expect(page.locator("#status")).to_contain_text("/no/such/folder not found")
@@ -803,11 +833,6 @@ def test_browser_generate_and_errors(browser, server, models):
                 )  # fmt: skip
                 assert not overlaps, (badge, status_box)
         page.screenshot(path=str(ARTIFACTS / "space_app_failed_request.png"), full_page=True)
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "space_app_failure.png"), full_page=True)
-        raise
-    finally:
-        page.close()
 
 
 @pytest.mark.browser
@@ -815,28 +840,18 @@ def test_browser_space_mode_refuses_local_paths(browser, space_server, models):
     """On a Space, a visitor who types a folder that exists and one that does not sees the same message."""
     from playwright.sync_api import expect
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={"width": 1280, "height": 1200})
-    try:
-        page.goto(space_server)
-        expect(page.locator("#status")).to_contain_text("Both models loaded", timeout=60_000)
-        page.get_by_text("Models (Hub ids)").click()
+    with loaded_page(browser, space_server, 1200, "space_app_space_mode_failure.png") as page:
         shown = []
         for path in (str(models["vanilla"]), "/no/such/folder"):
-            page.locator("#vanilla-model textarea").fill(path)
+            fill_model_box(page, "Models (Hub ids)", "vanilla", path)
             page.locator("#load-button").click()
             expect(page.locator("#vanilla-facts")).to_contain_text("Not loaded.", timeout=30_000)
             shown.append(page.locator("#vanilla-facts").inner_text())
-            page.locator("#vanilla-model textarea").fill(HUB_MODELS["vanilla"])
+            fill_model_box(page, "Models (Hub ids)", "vanilla", HUB_MODELS["vanilla"])
             page.locator("#load-button").click()
             expect(page.locator("#vanilla-facts")).to_contain_text("DDPMPipeline", timeout=30_000)
         assert shown[0] == shown[1] and "Hugging Face Hub only" in shown[0], shown
-        page.locator("#vanilla-model textarea").fill("/etc")
+        fill_model_box(page, "Models (Hub ids)", "vanilla", "/etc")
         page.locator("#load-button").click()
         expect(page.locator("#vanilla-facts")).to_have_text(shown[0], timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "space_app_space_mode.png"), full_page=True)
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "space_app_space_mode_failure.png"), full_page=True)
-        raise
-    finally:
-        page.close()

@@ -22,9 +22,9 @@ import torch
 
 # CPU flags (as /proc/cpuinfo spells them) that mean a native bf16 dot product.
 NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-# Below this many multiply-adds (B * B * D) the casts to bf16 cost more than the faster GEMM saves:
-# on an AVX512-BF16 EPYC, B=64 x D=192 (0.8M) ran 0.78x as fast in bf16, B=64 x D=768 (3.1M) 1.2x
-# and B=128 x D=192 (3.1M) 1.2x as fast (benchmarks/results/cost_dtype_cpu.md).
+# Below this many multiply-adds (B * B * D) the casts to bf16 cost more than the faster GEMM saves: on an
+# AVX512-BF16 EPYC, bf16 was slower at B=64 x D=192 (0.8M), on par at 3.1M (B=64 x D=768, B=128 x D=192)
+# and faster beyond, up to 2.6x (benchmarks/results/cost_dtype_cpu.md).
 CPU_BF16_MIN_MULTIPLY_ADDS = 2_000_000
 
 

@@ -106,8 +106,8 @@ def cost_matrix(
     """The (B, B) float32 cost matrix whose entry ``[i, j]`` prices pairing sample i with noise j.
 
     One GEMM of the flattened tensors in ``cost_dtype`` (fp16/bf16 is the paper's "quantized"
-    assignment; ``"auto"`` picks per device and size, see ``precision.choose_cost_dtype``). Both inputs are scaled by ``1/sqrt(D)`` first, so fp16 cannot overflow at any
-    dimension D; the scale does not change the optimal assignment. Norms are added in float32,
+    assignment; ``"auto"`` picks per device and size, see ``precision.choose_cost_dtype``). Both
+    inputs are scaled by ``1/sqrt(D)`` first, so fp16 cannot overflow at any dimension D; the scale does not change the optimal assignment. Norms are added in float32,
     because rounding whole distances to 16 bits loses most of the tiny differences between them.
 
     For ``distance="sqeuclidean"`` the per-row and per-column norms cannot change the optimal
@@ -166,7 +166,9 @@ def assignment_blocks(batch: int, block_size: int | None) -> list[tuple[int, int
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _solve_block(samples: torch.Tensor, noise: torch.Tensor, distance: str, cost_dtype: torch.dtype | str) -> torch.Tensor:
+def _solve_block(
+    samples: torch.Tensor, noise: torch.Tensor, distance: str, cost_dtype: torch.dtype | str
+) -> torch.Tensor:
     return solve_linear_assignment(cost_matrix(samples, noise, distance, cost_dtype), dim=samples[0].numel())
 
 

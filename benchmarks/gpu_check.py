@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from immiscible_diffusers import assign_noise
-from immiscible_diffusers.assignment import cost_matrix
+from immiscible_diffusers.assignment import DEFAULT_BLOCK_SIZE, assignment_blocks, cost_matrix
 from immiscible_diffusers.evaluate import SamplingOptions, find_checkpoints, read_run, resolve_sampler
 from immiscible_diffusers.precision import auto_cost_dtype
 from immiscible_diffusers.provenance import provenance, provenance_markdown
@@ -66,6 +66,7 @@ FULL = {
     "ddpm_batch": 128,
     "latent_batch": 64,
     "world_batch": 2048,
+    "block_size": DEFAULT_BLOCK_SIZE,
 }
 DRY = {
     "batch_sizes": [16, 48],
@@ -77,6 +78,7 @@ DRY = {
     "ddpm_batch": 4,
     "latent_batch": 2,
     "world_batch": 8,
+    "block_size": 32,  # so that the blockwise path runs too
 }
 # Tiny-model flags of each script (as in tests/), the image-family ones shared by three scripts.
 IMAGE_FLAGS = [
@@ -336,6 +338,7 @@ def check_assignment(args: argparse.Namespace) -> list[dict]:
     bench = load_module("benchmark_assignment", REPO / "benchmarks" / "assignment.py")
     digits = bench.load_digit_images()
     device, repeats, rows = args.device, args.sizes["repeats"], []
+    block_size = args.sizes["block_size"]
     reference_history: list[tuple[int, float]] = []
     for dim in args.sizes["dims"]:
         for batch in args.sizes["batch_sizes"]:
@@ -343,16 +346,20 @@ def check_assignment(args: argparse.Namespace) -> list[dict]:
             row = {"batch_size": batch, "dim": dim}
             for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
                 row[f"cost_{name}_ms"] = median_ms(lambda: cost_matrix(samples, noise, "l2", dtype), device, repeats)
-            auto = auto_cost_dtype(device, batch, dim)
-            cost = cost_matrix(samples, noise, "l2", auto)
+            # Transfer and solve as the default path does them: per block above DEFAULT_BLOCK_SIZE.
+            blocks = with_warnings_off(lambda: assignment_blocks(batch, block_size))
+            auto = auto_cost_dtype(device, blocks[0][1] - blocks[0][0], dim)
+            costs = [cost_matrix(samples[a:b], noise[a:b], "l2", auto) for a, b in blocks]
             row["auto_dtype"] = str(auto).removeprefix("torch.")
-            row["transfer_ms"] = median_ms(lambda: cost.to("cpu", torch.float64), device, repeats)
-            row["solver"] = choose_solver(batch, dim)
-            cpu_cost = cost.cpu()
-            row["solve_ms"] = median_ms(lambda: solve_linear_assignment(cpu_cost, dim=dim), torch.device("cpu"), 1, 0)
-            row["blocks"] = -(-batch // 2048)
-            with_warnings_off(lambda: assign_noise(samples, noise))  # warm-up
-            row["ours_total_ms"] = median_ms(lambda: with_warnings_off(lambda: assign_noise(samples, noise)), device, repeats, 0)
+            row["blocks"] = len(blocks)
+            row["transfer_ms"] = median_ms(lambda: [c.to("cpu", torch.float64) for c in costs], device, repeats)
+            row["solver"] = choose_solver(blocks[0][1] - blocks[0][0], dim)
+            cpu_costs = [c.cpu() for c in costs]
+            row["solve_ms"] = median_ms(lambda: [solve_linear_assignment(c, dim=dim) for c in cpu_costs],
+                                        torch.device("cpu"), 1, 0)  # fmt: skip
+            ours = lambda: with_warnings_off(lambda: assign_noise(samples, noise, block_size=block_size))  # noqa: E731
+            ours()  # warm-up
+            row["ours_total_ms"] = median_ms(ours, device, repeats, 0)
             predicted = bench.predicted_seconds([h for h in reference_history if h[0] <= batch], batch)
             if predicted > args.reference_limit_s:
                 row["reference_note"] = f"skipped: scipy predicted {predicted:.0f} s"
@@ -431,8 +438,9 @@ def check_step_share(args: argparse.Namespace) -> list[dict]:
     def assignment_ms(batch: int, shape: tuple[int, ...]) -> float:
         samples = (torch.rand((batch, *shape), generator=g) * 2 - 1).to(device)
         noise = torch.randn((batch, *shape), generator=g).to(device)
-        with_warnings_off(lambda: assign_noise(samples, noise))
-        return median_ms(lambda: with_warnings_off(lambda: assign_noise(samples, noise)), device, repeats, 0)
+        ours = lambda: with_warnings_off(lambda: assign_noise(samples, noise, block_size=sizes["block_size"]))  # noqa: E731
+        ours()  # warm-up
+        return median_ms(ours, device, repeats, 0)
 
     model = ddpm_unet(args.dry_run).to(device).train()
     side = model.config.sample_size
@@ -447,9 +455,16 @@ def check_step_share(args: argparse.Namespace) -> list[dict]:
     batch = sizes["latent_batch"]
     latents = torch.randn(batch, 4, side, side, generator=g).to(device)
     context = torch.randn(batch, 77, model.config.cross_attention_dim, generator=g).to(device)
-    step = training_step_ms(model, latents, device, repeats, encoder_hidden_states=context)
+    label = "SD-sized UNet, latents, per-GPU batch"
+    try:
+        step = training_step_ms(model, latents, device, repeats, encoder_hidden_states=context)
+    except torch.cuda.OutOfMemoryError:  # as SD trainers do at this batch: recompute activations
+        torch.cuda.empty_cache()
+        model.enable_gradient_checkpointing()
+        label += " (gradient checkpointing)"
+        step = training_step_ms(model, latents, device, repeats, encoder_hidden_states=context)
     shape = (4, side, side)
-    rows.append(share_row("SD-sized UNet, latents, per-GPU batch", model, batch, step, batch, shape, assignment_ms(batch, shape)))
+    rows.append(share_row(label, model, batch, step, batch, shape, assignment_ms(batch, shape)))
     world = sizes["world_batch"]
     rows.append(share_row(f"SD-sized UNet, latents, world batch {world} (global scope, one process)", model, batch,
                           step, world, shape, assignment_ms(world, shape)))  # fmt: skip
@@ -494,10 +509,11 @@ def main(argv: list[str] | None = None) -> int:
                         TRAINING_COLUMNS, rows, record)  # fmt: skip
     for part, function, columns, title, notes in (
         ("assignment", check_assignment, ASSIGNMENT_COLUMNS, "GPU check: the assignment on the device",
-         "Cost GEMM per dtype on the device, transfer of the (auto-dtype) cost to the CPU as float64, the exact solve "
-         "(solver chosen per problem), and the whole default `assign_noise` (`cost_dtype=\"auto\"`, blocks of 2048 "
-         "above 2048) against the paper's path on the same device: fp16 `cdist` of 0.1-scaled tensors, then scipy. "
-         "Above 2048 ours solves blocks while the paper's path solves the whole batch: not the same problem. "
+         "Cost GEMM (B x B) per dtype on the device; then, per block as the default path does it, the transfer of "
+         "the (auto-dtype) cost to the CPU as float64 and the exact solve (solver chosen per problem); the whole "
+         f"default `assign_noise` (`cost_dtype=\"auto\"`, exact within blocks of {args.sizes['block_size']} above "
+         "that); and the paper's path on the same device: fp16 `cdist` of 0.1-scaled tensors, then scipy on the "
+         "whole batch. Above the block size the two solve different problems (blocks vs whole batch). "
          "Wall-clock medians."),
         ("share", check_step_share, SHARE_COLUMNS, "GPU check: the assignment's share of a training step",
          "Training step: bf16 autocast forward, MSE loss, backward, clipping, AdamW, wall-clock median. Assignment: "

@@ -2,8 +2,8 @@
 """Per-step cost of ``assign_noise(scope="global")`` against the world batch, under torch.distributed.
 
 Above ``block_size`` the world batch is assigned within blocks. This compares, at each world batch,
-our path (rank r solves blocks r, r + W, ...; each block's samples go only to its solver; the
-permutations are exchanged) with the paper's multi-GPU pattern (everything all-gathered, rank 0
+our path (rank r solves blocks r, r + W, ...; each block's samples and noise go only to its solver,
+each rank gets back only its rows' assigned noise) with the paper's multi-GPU pattern (everything all-gathered, rank 0
 solves every block, the permutation broadcast), in the same processes, interleaved round by round.
 Both give the same permutation (checked). Times are wall-clock seconds of the slowest rank, and the
 CPU seconds of the busiest rank (robust to other jobs on a shared machine).
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from immiscible_diffusers.assignment import DEFAULT_BLOCK_SIZE, _all_gather_batches, assign_noise, linear_assignment_permutation
+from immiscible_diffusers.assignment import DEFAULT_BLOCK_SIZE, assign_noise, linear_assignment_permutation
 from immiscible_diffusers.provenance import provenance, provenance_markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,10 +49,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def all_gather_batches(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's batch, concatenated on every rank (what the paper's pattern moves)."""
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([g[:s] for g, s in zip(gathered, sizes)]), sizes
+
+
 def rank0_solves_everything(samples: torch.Tensor, noise: torch.Tensor, block_size: int) -> torch.Tensor:
     """The paper's multi-GPU pattern: gather everything everywhere, rank 0 solves, broadcast the permutation."""
-    world_samples, sizes = _all_gather_batches(samples)
-    world_noise, _ = _all_gather_batches(noise)
+    world_samples, sizes = all_gather_batches(samples)
+    world_noise, _ = all_gather_batches(noise)
     if dist.get_rank() == 0:
         perm = linear_assignment_permutation(world_samples, world_noise, "l2", "auto", block_size)
     else:
@@ -130,7 +144,7 @@ def report(rows: list[dict], args: argparse.Namespace, record: dict) -> str:
         f"{args.nproc_per_node} processes (gloo, 1 thread each) on this machine's CPU; D = {args.dim} (3x{int(round((args.dim / 3) ** 0.5))}^2, "
         f"clustered synthetic images); `block_size` = {args.block_size}; `cost_dtype=\"auto\"`; median of {args.repeats} "
         "wall-clock steps after one untimed round, each the slowest rank's time. **Ours**: rank r solves blocks r, r + W, ...; each block's "
-        "samples go to its solver only; permutations exchanged by one all-reduce. **Rank 0 solves all**: the paper's "
+        "samples and noise go to its solver only, each rank gets back only its rows' assigned noise. **Rank 0 solves all**: the paper's "
         "pattern (all-gather of samples and noise, rank 0 solves every block in turn, broadcast).",
         "",
         "Wall-clock time depends on free cores (this machine is shared); the busiest rank's CPU seconds show "

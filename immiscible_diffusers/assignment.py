@@ -107,8 +107,9 @@ def cost_matrix(
 
     One GEMM of the flattened tensors in ``cost_dtype`` (fp16/bf16 is the paper's "quantized"
     assignment; ``"auto"`` picks per device and size, see ``precision.choose_cost_dtype``). Both
-    inputs are scaled by ``1/sqrt(D)`` first, so fp16 cannot overflow at any dimension D; the scale does not change the optimal assignment. Norms are added in float32,
-    because rounding whole distances to 16 bits loses most of the tiny differences between them.
+    inputs are scaled by ``1/sqrt(D)`` first, so fp16 cannot overflow at any dimension D; the scale
+    does not change the optimal assignment. Norms are added in float32, because rounding whole
+    distances to 16 bits loses most of the tiny differences between them.
 
     For ``distance="sqeuclidean"`` the per-row and per-column norms cannot change the optimal
     permutation, so the matrix is ``-2 <x_i, n_j>`` alone (squared distance minus those constants).
@@ -172,35 +173,57 @@ def _solve_block(
     return solve_linear_assignment(cost_matrix(samples, noise, distance, cost_dtype), dim=samples[0].numel())
 
 
-def _all_gather_batches(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate every rank's batch (ranks may hold different batch sizes)."""
-    world = dist.get_world_size()
+def _rank_offsets(tensor: torch.Tensor) -> list[int]:
+    """Where each rank's batch starts in the world batch, and its end (ranks may hold different batch sizes)."""
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[:s] for g, s in zip(gathered, sizes)]), sizes
+    offsets = [0]
+    for value in sizes:
+        offsets.append(offsets[-1] + int(value))
+    return offsets
 
 
-def _gather_block_samples(
-    samples: torch.Tensor, offsets: list[int], start: int, end: int, owner: int
-) -> torch.Tensor | None:
-    """World samples ``[start, end)`` on rank ``owner`` only (``None`` elsewhere): what its solver needs."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    spans = [(max(start, offsets[r]), min(end, offsets[r + 1])) for r in range(world)]
-    rows = max(max(e - s, 0) for s, e in spans)
-    mine = samples[max(spans[rank][0] - offsets[rank], 0) : max(spans[rank][1] - offsets[rank], 0)]
-    padded = samples.new_zeros((rows, *samples.shape[1:]))
+def _block_spans(offsets: list[int], start: int, end: int) -> list[tuple[int, int]]:
+    """Per rank, the rows of world block ``[start, end)`` it holds, in its own batch's indices (may be empty)."""
+    spans = []
+    for rank in range(len(offsets) - 1):
+        first, last = max(start, offsets[rank]), min(end, offsets[rank + 1])
+        spans.append((first - offsets[rank], max(last, first) - offsets[rank]))
+    return spans
+
+
+def _gather_block(tensor: torch.Tensor, spans: list[tuple[int, int]], owner: int) -> torch.Tensor | None:
+    """The block's rows of every rank, concatenated on rank ``owner`` only (``None`` elsewhere)."""
+    rank = dist.get_rank()
+    rows = max(e - s for s, e in spans)
+    mine = tensor[spans[rank][0] : spans[rank][1]]
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
     padded[: mine.shape[0]] = mine
-    parts = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
+    parts = [torch.empty_like(padded) for _ in spans] if rank == owner else None
     dist.gather(padded, parts, dst=owner)
     if rank != owner:
         return None
-    return torch.cat([part[: max(e - s, 0)] for part, (s, e) in zip(parts, spans)])
+    return torch.cat([part[: e - s] for part, (s, e) in zip(parts, spans)])
+
+
+def _scatter_block(
+    block: torch.Tensor | None, like: torch.Tensor, spans: list[tuple[int, int]], owner: int
+) -> torch.Tensor:
+    """Send each rank its rows of ``block`` (held by ``owner``); return this rank's rows."""
+    rank = dist.get_rank()
+    rows = max(e - s for s, e in spans)
+    received = like.new_empty((rows, *like.shape[1:]))
+    parts = None
+    if rank == owner:
+        parts, first = [], 0
+        for s, e in spans:
+            part = like.new_zeros((rows, *like.shape[1:]))
+            part[: e - s] = block[first : first + e - s]
+            parts.append(part)
+            first += e - s
+    dist.scatter(received, parts, src=owner)
+    return received[: spans[rank][1] - spans[rank][0]]
 
 
 def _global_linear_assignment(
@@ -208,22 +231,22 @@ def _global_linear_assignment(
 ) -> torch.Tensor:
     """Assign the world batch, blocks solved in parallel (rank r solves blocks r, r + W, ...); return this rank's slice.
 
-    Every rank receives the world's noise (its assigned noise may come from any rank of its block),
-    but each block's samples go only to the rank that solves it, and only permutations come back.
-    The result equals ``linear_assignment_permutation`` of the world batch in one process.
+    Only what the solvers need moves: each block's samples and noise go to the rank that solves it
+    (every row to one rank, not to all), and each rank gets back just its rows' assigned noise. All
+    gathers are issued before any solve, so the ranks solve their blocks at the same time. The result
+    equals ``linear_assignment_permutation`` of the world batch in one process.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    world_noise, sizes = _all_gather_batches(noise)
-    offsets = [sum(sizes[:r]) for r in range(world + 1)]
-    perm = torch.zeros(offsets[-1], dtype=torch.int64, device=samples.device)
-    for index, (start, end) in enumerate(assignment_blocks(offsets[-1], block_size)):
-        owner = index % world
-        block_samples = _gather_block_samples(samples, offsets, start, end, owner)
-        if rank == owner:
-            perm[start:end] = _solve_block(block_samples, world_noise[start:end], distance, cost_dtype) + start
-    # Each entry was filled by exactly one rank (the others hold zeros), so a sum exchanges the permutations.
-    dist.all_reduce(perm)
-    return world_noise[perm[offsets[rank] : offsets[rank + 1]]]
+    offsets = _rank_offsets(samples)
+    blocks = [(index % world, _block_spans(offsets, start, end))
+              for index, (start, end) in enumerate(assignment_blocks(offsets[-1], block_size))]  # fmt: skip
+    gathered = [(_gather_block(samples, spans, owner), _gather_block(noise, spans, owner)) for owner, spans in blocks]
+    assigned = [
+        block_noise[_solve_block(block_samples, block_noise, distance, cost_dtype)] if owner == rank else None
+        for (owner, _), (block_samples, block_noise) in zip(blocks, gathered)
+    ]
+    mine = [_scatter_block(block, noise, spans, owner) for (owner, spans), block in zip(blocks, assigned)]
+    return torch.cat(mine)
 
 
 def _knn_assignment(

@@ -39,8 +39,9 @@ def choose_cost_dtype(
     """The cost-GEMM dtype for a ``batch_size`` x ``batch_size`` cost of ``dim``-sized samples on ``device_type``.
 
     ``knn=True`` asks for the KNN variant's (k, B) candidate scores instead, a batched matrix-vector
-    product that is memory-bound on CPU: there the bf16 casts cost more than they save (measured
-    slower at every D >= 3072 cell of benchmarks/assignment.py), so it stays float32 on CPU.
+    product that is memory-bound on CPU: there the bf16 casts cost more than they save (on par or
+    up to 1.5x slower at every D >= 3072 cell of benchmarks/results/assignment.md as of commit
+    cc789da, which timed KNN in both dtypes), so it stays float32 on CPU.
     A pure function of the facts it is given, so that the rule can be tested for any machine.
     """
     if device_type == "cuda":

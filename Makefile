@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUTPUT_DIR ?= outputs/demo
 
-.PHONY: install demo test benchmark clean space browser-deps docs
+.PHONY: install demo test benchmark gpu-check clean space browser-deps docs
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ docs: install
 
 benchmark: install
 	$(PY) benchmarks/assignment.py --output_dir benchmarks/results
+
+# On a CUDA machine (<= 8 min on one H200): training scripts, assignment and step share, written to
+# benchmarks/results/gpu/. `make gpu-check ARGS=--dry-run` runs every code path on the CPU with tiny sizes.
+gpu-check: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

@@ -13,20 +13,18 @@ import os
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-try:  # Jonker-Volgenant; 3-6x faster than scipy at the batch sizes that matter (benchmarks/assignment.py)
-    from lapjv import lapjv as _lapjv
-except ImportError:  # pragma: no cover - lapjv ships wheels for the platforms we test on
-    _lapjv = None
-from scipy.optimize import linear_sum_assignment
+from .precision import auto_cost_dtype
+from .solvers import solve_linear_assignment  # public here too, where it always was
 
 METHODS = ("none", "linear", "knn")
 DISTANCES = ("l2", "sqeuclidean")
 SCOPES = ("local", "global")
 COST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# cost_dtype="auto" resolves per device and problem size (immiscible_diffusers/precision.py).
+AUTO_COST_DTYPE = "auto"
 # Above this many samples an exact solve costs seconds per step (lapjv on upsampled digits, D=3072:
 # 0.26-0.62 s at 2,048, 1.6-4.9 s at 4,096; benchmarks/assignment.py), so larger batches are assigned
 # exactly within blocks of at most this size (two blocks keep ~98% of the distance reduction).
@@ -51,12 +49,12 @@ class AssignmentStats:
 def validate_assignment_options(
     method: str = "linear",
     distance: str = "l2",
-    cost_dtype: str | torch.dtype = "float32",
+    cost_dtype: str | torch.dtype = AUTO_COST_DTYPE,
     knn_k: int = 4,
     scope: str = "local",
     block_size: int | None = DEFAULT_BLOCK_SIZE,
-) -> torch.dtype:
-    """Check the assignment options; return the cost dtype as a ``torch.dtype``."""
+) -> torch.dtype | str:
+    """Check the assignment options; return the cost dtype as a ``torch.dtype`` (or ``"auto"``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if distance not in DISTANCES:
@@ -71,10 +69,14 @@ def validate_assignment_options(
         if cost_dtype not in COST_DTYPES.values():
             raise ValueError(f"cost_dtype must be one of {tuple(COST_DTYPES)}, got {cost_dtype}")
         return cost_dtype
+    if cost_dtype == AUTO_COST_DTYPE:
+        return AUTO_COST_DTYPE
     if not isinstance(cost_dtype, str):
-        raise TypeError(f"cost_dtype must be a str or torch.dtype, one of {tuple(COST_DTYPES)}, got {cost_dtype!r}")
+        raise TypeError(
+            f"cost_dtype must be a str or torch.dtype, one of {(AUTO_COST_DTYPE, *COST_DTYPES)}, got {cost_dtype!r}"
+        )
     if cost_dtype not in COST_DTYPES:
-        raise ValueError(f"cost_dtype must be one of {tuple(COST_DTYPES)}, got {cost_dtype!r}")
+        raise ValueError(f"cost_dtype must be one of {(AUTO_COST_DTYPE, *COST_DTYPES)}, got {cost_dtype!r}")
     return COST_DTYPES[cost_dtype]
 
 
@@ -105,19 +107,25 @@ def _validate_tensors(samples: torch.Tensor, noise: torch.Tensor, generator: tor
 
 
 def cost_matrix(
-    samples: torch.Tensor, noise: torch.Tensor, distance: str = "l2", cost_dtype: torch.dtype = torch.float32
+    samples: torch.Tensor,
+    noise: torch.Tensor,
+    distance: str = "l2",
+    cost_dtype: torch.dtype | str = torch.float32,
 ) -> torch.Tensor:
     """The (B, B) float32 cost matrix whose entry ``[i, j]`` prices pairing sample i with noise j.
 
     One GEMM of the flattened tensors in ``cost_dtype`` (fp16/bf16 is the paper's "quantized"
-    assignment). Both inputs are scaled by ``1/sqrt(D)`` first, so fp16 cannot overflow at any
-    dimension D; the scale does not change the optimal assignment. Norms are added in float32,
-    because rounding whole distances to 16 bits loses most of the tiny differences between them.
+    assignment; ``"auto"`` picks per device and size, see ``precision.choose_cost_dtype``). Both
+    inputs are scaled by ``1/sqrt(D)`` first, so fp16 cannot overflow at any dimension D; the scale
+    does not change the optimal assignment. Norms are added in float32, because rounding whole
+    distances to 16 bits loses most of the tiny differences between them.
 
     For ``distance="sqeuclidean"`` the per-row and per-column norms cannot change the optimal
     permutation, so the matrix is ``-2 <x_i, n_j>`` alone (squared distance minus those constants).
     """
     batch = samples.shape[0]
+    if cost_dtype == AUTO_COST_DTYPE:
+        cost_dtype = auto_cost_dtype(samples.device, batch, samples[0].numel())
     scale = 1.0 / math.sqrt(samples[0].numel())
     x = samples.reshape(batch, -1).float() * scale
     n = noise.reshape(batch, -1).float() * scale
@@ -138,21 +146,11 @@ def cost_matrix(
     return cost
 
 
-def solve_linear_assignment(cost: torch.Tensor) -> torch.Tensor:
-    """Exact minimum-cost permutation of a square cost matrix: ``perm[i]`` is the column for row i."""
-    matrix = np.ascontiguousarray(cost.detach().to("cpu", torch.float64).numpy())
-    if _lapjv is not None:
-        row_to_col = _lapjv(matrix)[0]
-    else:  # pragma: no cover
-        row_to_col = linear_sum_assignment(matrix)[1]
-    return torch.from_numpy(np.asarray(row_to_col, dtype=np.int64)).to(cost.device)
-
-
 def linear_assignment_permutation(
     samples: torch.Tensor,
     noise: torch.Tensor,
     distance: str = "l2",
-    cost_dtype: torch.dtype = torch.float32,
+    cost_dtype: torch.dtype | str = torch.float32,
     block_size: int | None = DEFAULT_BLOCK_SIZE,
 ) -> torch.Tensor:
     """Indices ``perm`` such that ``noise[perm]`` is the assigned noise (row i pairs with sample i).
@@ -160,51 +158,110 @@ def linear_assignment_permutation(
     Batches larger than ``block_size`` are split into consecutive blocks of near-equal size and
     each block is assigned exactly (noise never leaves its block), with a warning.
     """
-    batch = samples.shape[0]
+    blocks = assignment_blocks(samples.shape[0], block_size)
+    return torch.cat([_solve_block(samples[s:e], noise[s:e], distance, cost_dtype) + s for s, e in blocks])
+
+
+def assignment_blocks(batch: int, block_size: int | None) -> list[tuple[int, int]]:
+    """The ``(start, end)`` of each block that a batch of ``batch`` is assigned in (one block up to ``block_size``).
+
+    Warns when there is more than one block: the assignment is then exact within blocks only.
+    """
     if block_size is None or batch <= block_size:
-        return solve_linear_assignment(cost_matrix(samples, noise, distance, cost_dtype))
+        return [(0, batch)]
     num_blocks = math.ceil(batch / block_size)
     warnings.warn(
         f"a batch of {batch} is larger than block_size={block_size}: assigning exactly within "
         f"{num_blocks} blocks instead of over the whole batch (pass block_size=None to force one exact solve)",
-        stacklevel=3,
+        stacklevel=4,
     )
-    perms = []
-    for block in torch.arange(batch, device=samples.device).tensor_split(num_blocks):
-        start = int(block[0])
-        end = start + block.numel()
-        local = solve_linear_assignment(cost_matrix(samples[start:end], noise[start:end], distance, cost_dtype))
-        perms.append(local + start)
-    return torch.cat(perms)
+    # Near-equal consecutive blocks, the larger ones first (as torch.tensor_split cuts them).
+    bounds = [0]
+    for index in range(num_blocks):
+        bounds.append(bounds[-1] + batch // num_blocks + (1 if index < batch % num_blocks else 0))
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _all_gather_batches(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate every rank's batch (ranks may hold different batch sizes)."""
-    world = dist.get_world_size()
+def _solve_block(
+    samples: torch.Tensor, noise: torch.Tensor, distance: str, cost_dtype: torch.dtype | str
+) -> torch.Tensor:
+    return solve_linear_assignment(cost_matrix(samples, noise, distance, cost_dtype), dim=samples[0].numel())
+
+
+def _rank_offsets(tensor: torch.Tensor) -> list[int]:
+    """Where each rank's batch starts in the world batch, and its end (ranks may hold different batch sizes)."""
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[:s] for g, s in zip(gathered, sizes)]), sizes
+    offsets = [0]
+    for value in sizes:
+        offsets.append(offsets[-1] + int(value))
+    return offsets
+
+
+def _block_spans(offsets: list[int], start: int, end: int) -> list[tuple[int, int]]:
+    """Per rank, the rows of world block ``[start, end)`` it holds, in its own batch's indices (may be empty)."""
+    spans = []
+    for rank in range(len(offsets) - 1):
+        first, last = max(start, offsets[rank]), min(end, offsets[rank + 1])
+        spans.append((first - offsets[rank], max(last, first) - offsets[rank]))
+    return spans
+
+
+def _gather_block(tensor: torch.Tensor, spans: list[tuple[int, int]], owner: int) -> torch.Tensor | None:
+    """The block's rows of every rank, concatenated on rank ``owner`` only (``None`` elsewhere)."""
+    rank = dist.get_rank()
+    rows = max(e - s for s, e in spans)
+    mine = tensor[spans[rank][0] : spans[rank][1]]
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[: mine.shape[0]] = mine
+    parts = [torch.empty_like(padded) for _ in spans] if rank == owner else None
+    dist.gather(padded, parts, dst=owner)
+    if rank != owner:
+        return None
+    return torch.cat([part[: e - s] for part, (s, e) in zip(parts, spans)])
+
+
+def _scatter_block(
+    block: torch.Tensor | None, like: torch.Tensor, spans: list[tuple[int, int]], owner: int
+) -> torch.Tensor:
+    """Send each rank its rows of ``block`` (held by ``owner``); return this rank's rows."""
+    rank = dist.get_rank()
+    rows = max(e - s for s, e in spans)
+    received = like.new_empty((rows, *like.shape[1:]))
+    parts = None
+    if rank == owner:
+        parts, first = [], 0
+        for s, e in spans:
+            part = like.new_zeros((rows, *like.shape[1:]))
+            part[: e - s] = block[first : first + e - s]
+            parts.append(part)
+            first += e - s
+    dist.scatter(received, parts, src=owner)
+    return received[: spans[rank][1] - spans[rank][0]]
 
 
 def _global_linear_assignment(
-    samples: torch.Tensor, noise: torch.Tensor, distance: str, cost_dtype: torch.dtype, block_size: int | None
+    samples: torch.Tensor, noise: torch.Tensor, distance: str, cost_dtype: torch.dtype | str, block_size: int | None
 ) -> torch.Tensor:
-    """Assign the world batch once (rank 0 solves, as the paper's multi-GPU code); return this rank's slice."""
-    world_samples, sizes = _all_gather_batches(samples)
-    world_noise, _ = _all_gather_batches(noise)
-    if dist.get_rank() == 0:
-        perm = linear_assignment_permutation(world_samples, world_noise, distance, cost_dtype, block_size)
-    else:
-        perm = torch.empty(world_samples.shape[0], dtype=torch.int64, device=samples.device)
-    dist.broadcast(perm, src=0)
-    start = sum(sizes[: dist.get_rank()])
-    return world_noise[perm[start : start + samples.shape[0]]]
+    """Assign the world batch, blocks solved in parallel (rank r solves blocks r, r + W, ...); return this rank's slice.
+
+    Only what the solvers need moves: each block's samples and noise go to the rank that solves it
+    (every row to one rank, not to all), and each rank gets back just its rows' assigned noise. All
+    gathers are issued before any solve, so the ranks solve their blocks at the same time. The result
+    equals ``linear_assignment_permutation`` of the world batch in one process.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    offsets = _rank_offsets(samples)
+    blocks = [(index % world, _block_spans(offsets, start, end))
+              for index, (start, end) in enumerate(assignment_blocks(offsets[-1], block_size))]  # fmt: skip
+    gathered = [(_gather_block(samples, spans, owner), _gather_block(noise, spans, owner)) for owner, spans in blocks]
+    assigned = [
+        block_noise[_solve_block(block_samples, block_noise, distance, cost_dtype)] if owner == rank else None
+        for (owner, _), (block_samples, block_noise) in zip(blocks, gathered)
+    ]
+    mine = [_scatter_block(block, noise, spans, owner) for (owner, spans), block in zip(blocks, assigned)]
+    return torch.cat(mine)
 
 
 def _available_memory(device: torch.device) -> int | None:
@@ -241,11 +298,17 @@ def _check_knn_memory(noise: torch.Tensor, knn_k: int, cost_dtype: torch.dtype) 
 
 
 def _knn_assignment(
-    samples: torch.Tensor, noise: torch.Tensor, knn_k: int, cost_dtype: torch.dtype, generator: torch.Generator | None
+    samples: torch.Tensor,
+    noise: torch.Tensor,
+    knn_k: int,
+    cost_dtype: torch.dtype | str,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Per sample, the nearest of ``knn_k`` candidates: ``noise`` itself plus ``knn_k - 1`` fresh draws."""
-    _check_knn_memory(noise, knn_k, cost_dtype)
     batch = samples.shape[0]
+    if cost_dtype == AUTO_COST_DTYPE:
+        cost_dtype = auto_cost_dtype(samples.device, batch, samples[0].numel(), knn=True)
+    _check_knn_memory(noise, knn_k, cost_dtype)
     extra = torch.randn((knn_k - 1, *noise.shape), generator=generator, device=noise.device, dtype=noise.dtype)
     candidates = torch.cat([noise[None], extra]).reshape(knn_k, batch, -1)
     scale = 1.0 / math.sqrt(candidates.shape[-1])
@@ -267,7 +330,7 @@ def assign_noise(
     *,
     method: str = "linear",
     distance: str = "l2",
-    cost_dtype: str | torch.dtype = "float32",
+    cost_dtype: str | torch.dtype = AUTO_COST_DTYPE,
     knn_k: int = 4,
     scope: str = "local",
     block_size: int | None = DEFAULT_BLOCK_SIZE,
@@ -286,12 +349,15 @@ def assign_noise(
             no longer exactly N(0, I): it is slightly shorter and leans toward the sample.
             ``"none"`` — the vanilla pairing: ``noise`` is returned as it is.
         distance: ``"l2"`` (the paper's) or ``"sqeuclidean"`` (the optimal-transport convention).
-        cost_dtype: precision of the cost GEMM: ``"float32"``, or ``"float16"``/``"bfloat16"`` for
-            the paper's quantized assignment (fp16 is fast on GPUs, bf16 on CPUs). The solve is exact.
+        cost_dtype: precision of the cost GEMM: ``"auto"`` (default) picks the fastest that keeps
+            >= 99.9% of the optimum's distance reduction on this device (fp16 on CUDA, bf16 on CPUs
+            with native bf16, float32 otherwise; see ``precision.choose_cost_dtype``), or
+            ``"float32"``, ``"float16"``/``"bfloat16"`` (the paper's quantized assignment). The solve is exact.
         knn_k: number of candidates per sample for ``method="knn"``.
         scope: ``"local"`` assigns this process's batch; ``"global"`` assigns the whole world batch
             under ``torch.distributed`` once and returns this rank's slice (same as ``"local"`` when
-            no process group is running).
+            no process group is running). Its blocks are solved in parallel, rank r solving blocks
+            r, r + W, ...; the result equals the one-process assignment of the world batch.
         block_size: batches larger than this are assigned exactly within blocks (see
             ``linear_assignment_permutation``); ``None`` always solves the whole batch.
         generator: random generator for the KNN candidates.

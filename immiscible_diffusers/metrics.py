@@ -125,7 +125,7 @@ def wasserstein2(first: np.ndarray | torch.Tensor, second: np.ndarray | torch.Te
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"first and second must be (N, D) arrays of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     cost = torch.cdist(a, b).pow(2)
-    perm = solve_linear_assignment(cost)
+    perm = solve_linear_assignment(cost, dim=a.shape[1])  # the solver suited to D (scipy for 2-D points)
     return float(cost[torch.arange(a.shape[0]), perm].mean().sqrt())
 
 

@@ -55,7 +55,7 @@ from .assignment import (
 ASSIGNMENT_CONFIG_DEFAULTS: dict[str, Any] = {
     "assignment": "linear",
     "assignment_distance": "l2",
-    "assignment_dtype": "float32",
+    "assignment_dtype": "auto",
     "knn_k": 4,
     "assignment_scope": "local",
     "assignment_block_size": DEFAULT_BLOCK_SIZE,

@@ -1,6 +1,7 @@
 """Run under `torchrun --nproc_per_node 2`: each rank assigns its slice of a known world batch."""
 
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,13 @@ def main(output_path: str) -> None:
         scope: assign_noise(world_samples[start:end], world_noise[start:end], scope=scope)
         for scope in ("global", "local")
     }
+    # Above block_size: 4 blocks of 4, 3, 3, 3 rows (two straddle the ranks), solved by ranks 0, 1, 0, 1.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results["global_blocks"] = assign_noise(
+            world_samples[start:end], world_noise[start:end], scope="global", block_size=4
+        )
+    results["block_warnings"] = len(caught)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -28,6 +36,8 @@ def main(output_path: str) -> None:
             {
                 "global": torch.cat([r["global"] for r in gathered]),
                 "local": torch.cat([r["local"] for r in gathered]),
+                "global_blocks": torch.cat([r["global_blocks"] for r in gathered]),
+                "block_warnings": [r["block_warnings"] for r in gathered],
                 "samples": world_samples,
                 "noise": world_noise,
             },

@@ -29,3 +29,10 @@ def test_global_scope_equals_single_process_assignment_of_the_world_batch(tmp_pa
     local = torch.cat([assign_noise(samples[:6], noise[:6]), assign_noise(samples[6:], noise[6:])])
     assert torch.equal(result["local"], local)
     assert not torch.equal(result["global"], result["local"]), "the world batch should pair across ranks here"
+
+    # Blocks solved in parallel across the ranks equal the one-process blockwise assignment.
+    with pytest.warns(UserWarning, match="4 blocks"):
+        blockwise = assign_noise(samples, noise, block_size=4)
+    assert torch.equal(result["global_blocks"], blockwise)
+    assert not torch.equal(result["global_blocks"], result["global"]), "blocks should pair differently here"
+    assert result["block_warnings"] == [1, 1]  # every rank says the batch was split

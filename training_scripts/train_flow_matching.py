@@ -640,6 +640,8 @@ def main(args: argparse.Namespace) -> None:
     if checkpoint is not None:
         logger.info(f"Resuming from checkpoint {checkpoint}")
         accelerator.load_state(str(checkpoint))
+        if ema_model is not None:
+            ema_model.to(accelerator.device)  # its weights come back on the CPU
         global_step = checkpoint_step(checkpoint)
         first_epoch = global_step // num_update_steps_per_epoch
         resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps

@@ -53,6 +53,7 @@ class FlowMatchingPipeline(DiffusionPipeline):
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
@@ -63,6 +64,8 @@ class FlowMatchingPipeline(DiffusionPipeline):
             generator: makes the starting noise (and a stochastic scheduler's draws) reproducible.
             num_inference_steps: model evaluations (one per Euler step with the default scheduler); the
                 sigmas are spaced uniformly from 1 to ``1 / num_inference_steps`` (``uniform_sigma_schedule``).
+            sigmas: the scheduler's sigmas instead (descending, without the final 0); overrides
+                ``num_inference_steps``. ``numpy.linspace(1, 1 / 1000, n)`` is diffusers' own spacing.
             output_type: ``"pil"`` (a list of PIL images), ``"np"`` (an ``(N, H, W, C)`` array) or
                 ``"pt"`` (an ``(N, C, H, W)`` tensor); values in ``[0, 1]``.
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
@@ -78,7 +81,10 @@ class FlowMatchingPipeline(DiffusionPipeline):
         device = self._execution_device
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
 
-        self.scheduler.set_timesteps(**uniform_sigma_schedule(self.scheduler, num_inference_steps), device=device)
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+        else:
+            self.scheduler.set_timesteps(**uniform_sigma_schedule(self.scheduler, num_inference_steps), device=device)
         # Stochastic flow-matching schedulers draw from `generator`; the others take no such argument.
         accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if accepts_generator else {}

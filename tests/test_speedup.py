@@ -235,3 +235,28 @@ def test_consistency_and_flow_regimes_run_end_to_end(speedup, tmp_path, monkeypa
         curves = regime["curves"]["none"][0]
         assert curves[1] != curves[2]
     assert report["same_batches"] == "yes"
+
+
+@pytest.mark.slow
+def test_sampler_spacings_benchmark_shows_the_stock_flow_spacing_wastes_the_second_step(tmp_path, monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("speedup_samplers", SCRIPT.with_name("speedup_samplers.py"))
+    samplers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(samplers)
+    run = tmp_path / "digits8_flow" / "vanilla-seed0"
+    torch.manual_seed(0)
+    UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    ).save_pretrained(run / "checkpoint-10" / "unet")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(run / "checkpoint-10" / "scheduler")
+    (run / "training_config.json").write_text(json.dumps({"dataset": "sklearn-digits", "script": "train_flow_matching.py"}))
+    report = samplers.main([str(run), "--output_dir", str(tmp_path / "out"), "--nfes", "1", "2", "--num_samples", "32"])
+    scores = {row["spacing"]: row["scores"] for row in report["rows"]}
+    assert scores["stock"]["1"] == scores["uniform"]["1"]  # one step is the same Euler step either way
+    # Stock: the 2nd step integrates sigma 0.001 -> 0 and changes (almost) nothing; uniform: it covers 0.5 -> 0.
+    assert abs(scores["stock"]["2"] - scores["stock"]["1"]) < 0.1 * abs(scores["uniform"]["2"] - scores["uniform"]["1"])
+    text = (tmp_path / "out" / "speedup_samplers.md").read_text()
+    assert "code version" in text and "| digits8_flow/vanilla-seed0 | stock |" in text

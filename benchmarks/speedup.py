@@ -1,37 +1,49 @@
 #!/usr/bin/env python
-"""Does immiscible diffusion reach the same sample quality in fewer training steps? Measured, with several seeds.
+"""Does immiscible diffusion reach the same sample quality in fewer training steps — at which sampling budget?
 
-For each data regime this trains vanilla diffusion (``--assignment none``), linear assignment and KNN with
-the same seeds (so the same batches, the same noise draws before assignment and the same initial weights
-for every method), evaluates every checkpoint's samples, and reports:
+For each regime (a data set and a training recipe: DDPM/DDIM, flow matching or consistency training) this
+trains vanilla diffusion (``--assignment none``), linear assignment and KNN with the same seeds (so the same
+batches, the same noise draws before assignment and the same initial weights for every method), scores
+every checkpoint at several sampling budgets (NFE, model evaluations per sample: 1, 2, 4, 8 and many) from
+the same starting noise, and reports per (regime, NFE):
 
 - each method's mean and spread (standard deviation, min, max) across seeds at every checkpoint;
 - steps-to-target ratios: for a quality level ``q(f)`` (vanilla's seed-mean quality at the fraction ``f``
   of the training budget), the steps vanilla needs to reach it divided by the steps the immiscible
   method needs, from the seed-mean curves, and per seed (seed pairs share their batches); a curve that
   never reaches the level is reported as a bound (``>`` or ``<``), never as a number;
+- a one-line verdict: is the final quality better, worse or within noise of vanilla's (difference of the
+  seed means against twice its standard error), and the steps-to-target ratio at vanilla's final quality;
 - the mean image-noise distance reduction the assignment achieved (it predicts how much it can matter);
 - the wall-clock cost per step, and the training loss beside the quality (never as evidence: assigned
   noise is partly predictable from the image, so the loss falls without the samples getting better).
 
-Regimes: ``toy2d`` (8 Gaussians in 2-D, a small MLP denoiser trained by the loop below, quality = exact
-2-Wasserstein distance to held-out points), ``digits8`` (the bundled digits at native 8x8), ``digits32``
-(upsampled to 32x32, where the assignment shortens the distance far less), all with
-``training_scripts/train_unconditional.py`` and the offline digits Fréchet distance; ``cifar10`` (the
-DDPM/DDIM CIFAR-10 UNet, Inception FID; needs a GPU, the dataset and ``--inception_weights``). Not in the
-default either: ``digits16_flow`` (``training_scripts/train_flow_matching.py`` on digits at 16x16, Euler
-sampling) and ``digits16_cm`` (``training_scripts/train_consistency.py``, the same runs scored with 1-step and
-2-step sampling as the regimes ``digits16_cm1`` and ``digits16_cm2``).
+Controls (``--controls_in``, by default the 2-D toys, where the assignment shortens distances most):
+``shuffle`` (a random re-pairing: vanilla in distribution) and ``norm_matched`` (noise moved toward its own
+image by the same mean distance the linear assignment saves, without re-pairing), so that "closer noise"
+and "better pairing" can be told apart.
 
-    python benchmarks/speedup.py --output_dir benchmarks/results           # toy2d, digits8, digits32 (~40 min, 2 CPU cores)
-    python benchmarks/speedup.py --quick --output_dir /tmp/speedup         # a few minutes
-    python benchmarks/speedup.py --regimes digits16_cm digits16_flow --output_dir benchmarks/results-cm-flow
+Regimes (``--regimes``): ``toy2d`` and ``toy2d_flow`` (8 Gaussians in 2-D, a small MLP trained by the loops
+below with the DDPM epsilon loss / the rectified-flow velocity loss, quality = exact 2-Wasserstein distance
+to held-out points); ``digits8``, ``digits8_flow`` and ``digits8_cm`` (the bundled digits at native 8x8 with
+``training_scripts/train_unconditional.py``, ``train_flow_matching.py`` and ``train_consistency.py``, the
+offline digits Fréchet distance); opt-in: ``digits16*`` and ``digits32*`` (the same at 16x16 and 32x32,
+where the assignment shortens distances far less) and ``cifar10`` (the DDPM/DDIM CIFAR-10 UNet, Inception
+FID; needs a GPU, the dataset and ``--inception_weights``). Samplers: DDIM with trailing timesteps, Euler
+with uniform sigmas, the consistency model's multistep sampler (see ``immiscible_diffusers.evaluate``).
+
+    python benchmarks/speedup.py --output_dir benchmarks/results       # the default regimes (~1 h of one CPU core)
+    python benchmarks/speedup.py --quick --output_dir /tmp/speedup     # a few minutes: a smoke test
+    python benchmarks/speedup.py --regimes digits32 digits32_flow --output_dir results-32
     python benchmarks/speedup.py --regimes cifar10 --device cuda --output_dir results-cifar10 \\
         --inception_weights weights-inception-2015-12-05-6726825d.pth --fid_reference cifar10 --fid_reference_column img
 
-Writes ``speedup.csv`` (every evaluated point), ``speedup_summary.csv``, ``speedup.md`` and ``speedup.png`` to
-``--output_dir``. Training runs go to ``--runs_dir`` and are reused when the benchmark is run again with
-the same settings (a killed benchmark resumes; a killed training run resumes from its last checkpoint).
+Writes to ``--output_dir``: ``speedup.csv`` (every evaluated point), ``speedup_summary.csv`` (ratios and
+verdicts), ``speedup.md`` (the full report), ``speedup_summary.md`` (the verdict table, for the docs),
+``speedup.png`` and ``speedup.json``; each records its provenance (command, git commit, code version,
+machine, date). Training runs go to ``--runs_dir`` and are reused when the benchmark is run again with the
+same settings AND the same code version (``immiscible_diffusers.provenance.code_version``): a killed
+benchmark resumes; a killed training run resumes from its last checkpoint; a code change retrains.
 """
 
 from __future__ import annotations
@@ -39,14 +51,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -66,19 +77,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from immiscible_diffusers import assign_noise
-from immiscible_diffusers.evaluate import build_metric, evaluate_runs, write_csv
+from immiscible_diffusers.evaluate import DDIM_TIMESTEP_SPACING, build_metric, evaluate_runs, write_csv
 from immiscible_diffusers.metrics import wasserstein2
+from immiscible_diffusers.provenance import code_version, command_line, provenance, provenance_markdown
 from immiscible_diffusers.training import TRAIN_LOG_NAME, read_train_log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO_ROOT / "training_scripts" / "train_unconditional.py"
 CIFAR10_UNET_CONFIG = REPO_ROOT / "benchmarks" / "configs" / "ddpm_cifar10_unet.json"
 # Checkpoints of all runs take gigabytes: by default they go to the git-ignored outputs/ folder.
 DEFAULT_RUNS_DIR = REPO_ROOT / "outputs" / "speedup_runs"
 METHODS = ("none", "linear", "knn")
-METHOD_NAMES = {"none": "vanilla", "linear": "linear", "knn": "knn"}
-METHOD_COLORS = {"none": "tab:gray", "linear": "tab:blue", "knn": "tab:orange"}
+CONTROLS = ("shuffle", "norm_matched")
+METHOD_NAMES = {"none": "vanilla", "linear": "linear", "knn": "knn", "shuffle": "shuffle", "norm_matched": "norm-matched"}
+METHOD_COLORS = {"none": "tab:gray", "linear": "tab:blue", "knn": "tab:orange", "shuffle": "tab:purple", "norm_matched": "tab:green"}
+RECIPES = {"ddpm": "DDPM (DDIM sampling)", "flow": "flow matching (Euler)", "consistency": "consistency training"}
+# Each recipe's training script, its evaluator sampler.
+RECIPE_SCRIPTS = {"ddpm": "train_unconditional.py", "flow": "train_flow_matching.py", "consistency": "train_consistency.py"}
+RECIPE_SAMPLERS = {"ddpm": "ddim", "flow": "flow_euler", "consistency": "consistency"}
+DEFAULT_NFES = (1, 2, 4, 8, 20)
 LOSS_WINDOW = 50
+# A difference of the final seed means counts as real beyond this many standard errors, and beyond this share.
+VERDICT_STANDARD_ERRORS = 2.0
+VERDICT_MIN_RELATIVE = 0.05
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,10 +108,11 @@ LOSS_WINDOW = 50
 
 @dataclass(frozen=True)
 class Regime:
-    """One data regime: what is trained, for how long, and how its checkpoints are scored."""
+    """One regime: what is trained with which recipe, for how long, and how its checkpoints are scored."""
 
     name: str
-    kind: str  # "toy" (the loop in this file) or "images" (the training script)
+    kind: str  # "toy" (the loops in this file) or "images" (a training script)
+    recipe: str  # a key of RECIPES
     description: str
     resolution: int  # image side; 0 for the 2-D toy
     num_channels: int
@@ -100,30 +121,57 @@ class Regime:
     train_batch_size: int
     learning_rate: float
     num_samples: int
-    num_inference_steps: int
+    nfes: tuple[int, ...]  # sampling budgets; the largest is "many"
     metric: str  # "w2" (toy), "digits_fd" or "fid"
     unet_block_out_channels: str = ""
     lr_warmup_steps: int = 50
     extra_train_args: tuple[str, ...] = ()
-    # The training script's file name under training_scripts/ ("" = --train_script, train_unconditional.py by
-    # default), and the evaluator's sampler (a name from immiscible_diffusers.evaluate.SAMPLERS; None = the
-    # pipeline's default) with ``num_inference_steps`` steps.
-    train_script: str = ""
-    sampler: str | None = "ddim"
-    # Regimes with the same non-empty run_group share their training runs (folder runs_dir/<run_group>/):
-    # they differ only in how the checkpoints are evaluated (the consistency model's 1- and 2-step sampling).
-    run_group: str = ""
 
     @property
     def dimension(self) -> int:
         return 2 if self.kind == "toy" else self.num_channels * self.resolution**2
 
+    @property
+    def train_script(self) -> str:
+        return RECIPE_SCRIPTS[self.recipe]
+
+    @property
+    def sampler(self) -> str:
+        return RECIPE_SAMPLERS[self.recipe]
+
+
+# Settings that only change how checkpoints are evaluated: left out of a run's folder hash.
+EVALUATION_FIELDS = ("name", "description", "num_samples", "nfes", "metric")
+
+
+def _toy(recipe: str, steps: int, every: int, samples: int, nfes: tuple[int, ...]) -> Regime:
+    name = "toy2d" if recipe == "ddpm" else f"toy2d_{recipe}"
+    loss = "epsilon (DDPM) loss, DDIM sampling" if recipe == "ddpm" else "velocity (rectified flow) loss, Euler sampling"
+    return Regime(
+        name, "toy", recipe, f"8 Gaussians in 2-D, 3-layer MLP, {loss}, exact W2 to held-out points", 0, 0,
+        max_train_steps=steps, checkpointing_steps=every, train_batch_size=256, learning_rate=1e-3,
+        num_samples=samples, nfes=nfes, metric="w2",
+    )
+
+
+def _digits(
+    recipe: str, resolution: int, steps: int, every: int, samples: int, nfes: tuple[int, ...], widths: str, lr: float = 1e-3,
+    warmup: int = 50,
+) -> Regime:
+    name = f"digits{resolution}" + ("" if recipe == "ddpm" else "_flow" if recipe == "flow" else "_cm")
+    where = "at native 8x8" if resolution == 8 else f"upsampled to {resolution}x{resolution}"
+    return Regime(
+        name, "images", recipe, f"digits {where} (D={resolution**2}), {RECIPES[recipe]}, UNet {widths}",
+        resolution, 1, max_train_steps=steps, checkpointing_steps=every, train_batch_size=64, learning_rate=lr,
+        num_samples=samples, nfes=nfes, metric="digits_fd", unet_block_out_channels=widths, lr_warmup_steps=warmup,
+    )
+
 
 def _cifar10(steps: int, every: int, samples: int) -> Regime:
     return Regime(
-        "cifar10", "images", "CIFAR-10 32x32, the DDPM/DDIM CIFAR-10 UNet (35.7M parameters), Inception FID",
+        "cifar10", "images", "ddpm", "CIFAR-10 32x32, the DDPM/DDIM CIFAR-10 UNet (35.7M parameters), Inception FID",
         resolution=32, num_channels=3, max_train_steps=steps, checkpointing_steps=every, train_batch_size=128,
-        learning_rate=2e-4, num_samples=samples, num_inference_steps=100, metric="fid", lr_warmup_steps=1000,
+        learning_rate=2e-4, num_samples=samples, nfes=(1, 2, 4, 8, 100), metric="fid", lr_warmup_steps=1000,
         extra_train_args=(
             "--dataset_name", "cifar10", "--image_column", "img", "--random_flip",
             "--model_config_name_or_path", str(CIFAR10_UNET_CONFIG),
@@ -131,81 +179,42 @@ def _cifar10(steps: int, every: int, samples: int) -> Regime:
     )
 
 
-def _digits16_cm(steps: int, every: int, samples: int, inference_steps: int) -> Regime:
-    return Regime(
-        f"digits16_cm{inference_steps}", "images",
-        f"digits upsampled to 16x16 (D=256), consistency training (iCT), UNet 16,32, {inference_steps}-step sampling",
-        16, 1, max_train_steps=steps, checkpointing_steps=every, train_batch_size=64, learning_rate=1e-3,
-        num_samples=samples, num_inference_steps=inference_steps, metric="digits_fd", unet_block_out_channels="16,32",
-        lr_warmup_steps=min(50, steps // 4), train_script="train_consistency.py", sampler="consistency",
-        run_group="digits16_cm",
-    )
+def _full_preset() -> dict[str, Regime]:
+    regimes = [
+        # The exact W2 of 500 points and the 256 x 256 assignment per step dominate the toys' cost.
+        _toy("ddpm", 1000, 200, 500, DEFAULT_NFES),
+        _toy("flow", 1000, 200, 500, DEFAULT_NFES),
+        *(_digits(recipe, 8, FULL_DIGITS8_STEPS, FULL_DIGITS8_STEPS // 4, 450, DEFAULT_NFES, "32,64") for recipe in RECIPES),
+        *(_digits(recipe, 16, 600, 120, 450, DEFAULT_NFES, "16,32") for recipe in RECIPES),
+        *(_digits(recipe, 32, 300, 60, 256, (1, 2, 4, 8, 10), "16,32,32,64") for recipe in RECIPES),
+        _cifar10(steps=20000, every=2500, samples=10000),
+    ]
+    return {regime.name: regime for regime in regimes}
 
 
-def _digits16_flow(steps: int, every: int, samples: int, inference_steps: int) -> Regime:
-    return Regime(
-        "digits16_flow", "images", "digits upsampled to 16x16 (D=256), rectified flow matching, UNet 16,32, Euler sampling",
-        16, 1, max_train_steps=steps, checkpointing_steps=every, train_batch_size=64, learning_rate=1e-3,
-        num_samples=samples, num_inference_steps=inference_steps, metric="digits_fd", unet_block_out_channels="16,32",
-        lr_warmup_steps=min(50, steps // 4), train_script="train_flow_matching.py", sampler="flow_euler",
-    )
+def _quick_preset() -> dict[str, Regime]:
+    nfes = (1, 2, 4, 10)
+    regimes = [
+        _toy("ddpm", 400, 100, 500, nfes),
+        _toy("flow", 400, 100, 500, nfes),
+        *(_digits(recipe, 8, 150, 75, 256, nfes, "32,64", warmup=20) for recipe in RECIPES),
+        *(_digits(recipe, 16, 100, 50, 128, nfes, "16,32", warmup=20) for recipe in RECIPES),
+        *(_digits(recipe, 32, 40, 20, 64, (1, 2, 5), "16,32,32,64", warmup=10) for recipe in RECIPES),
+        _cifar10(steps=2000, every=500, samples=2000),
+    ]
+    return {regime.name: regime for regime in regimes}
 
 
-PRESETS: dict[str, dict[str, Regime]] = {
-    "full": {
-        "toy2d": Regime(
-            "toy2d", "toy", "8 Gaussians in 2-D, 3-layer MLP denoiser, exact W2 to held-out points", 0, 0,
-            max_train_steps=1500, checkpointing_steps=250, train_batch_size=256, learning_rate=1e-3,
-            num_samples=1000, num_inference_steps=50, metric="w2",
-        ),
-        "digits8": Regime(
-            "digits8", "images", "digits at native 8x8 (D=64), UNet 32,64", 8, 1,
-            max_train_steps=600, checkpointing_steps=100, train_batch_size=64, learning_rate=1e-3,
-            num_samples=450, num_inference_steps=20, metric="digits_fd", unet_block_out_channels="32,64",
-        ),
-        "digits32": Regime(
-            "digits32", "images", "digits upsampled to 32x32 (D=1024), UNet 16,32,32,64", 32, 1,
-            max_train_steps=300, checkpointing_steps=50, train_batch_size=64, learning_rate=1e-3,
-            num_samples=256, num_inference_steps=10, metric="digits_fd", unet_block_out_channels="16,32,32,64",
-        ),
-        "cifar10": _cifar10(steps=20000, every=2500, samples=10000),
-        "digits16_cm1": _digits16_cm(steps=600, every=100, samples=450, inference_steps=1),
-        "digits16_cm2": _digits16_cm(steps=600, every=100, samples=450, inference_steps=2),
-        "digits16_flow": _digits16_flow(steps=600, every=100, samples=450, inference_steps=10),
-    },
-    "quick": {
-        "toy2d": Regime(
-            "toy2d", "toy", "8 Gaussians in 2-D, 3-layer MLP denoiser, exact W2 to held-out points", 0, 0,
-            max_train_steps=400, checkpointing_steps=100, train_batch_size=256, learning_rate=1e-3,
-            num_samples=500, num_inference_steps=25, metric="w2",
-        ),
-        "digits8": Regime(
-            "digits8", "images", "digits at native 8x8 (D=64), UNet 32,64", 8, 1,
-            max_train_steps=150, checkpointing_steps=75, train_batch_size=64, learning_rate=1e-3,
-            num_samples=256, num_inference_steps=10, metric="digits_fd", unet_block_out_channels="32,64",
-            lr_warmup_steps=20,
-        ),
-        "digits32": Regime(
-            "digits32", "images", "digits upsampled to 32x32 (D=1024), UNet 16,32,32,64", 32, 1,
-            max_train_steps=40, checkpointing_steps=20, train_batch_size=64, learning_rate=1e-3,
-            num_samples=64, num_inference_steps=5, metric="digits_fd", unet_block_out_channels="16,32,32,64",
-            lr_warmup_steps=10,
-        ),
-        "cifar10": _cifar10(steps=2000, every=500, samples=2000),
-        "digits16_cm1": _digits16_cm(steps=150, every=75, samples=256, inference_steps=1),
-        "digits16_cm2": _digits16_cm(steps=150, every=75, samples=256, inference_steps=2),
-        "digits16_flow": _digits16_flow(steps=150, every=75, samples=256, inference_steps=5),
-    },
-}
-DEFAULT_REGIMES = ("toy2d", "digits8", "digits32")
-# Names on the command line that stand for several regimes.
-REGIME_ALIASES = {"digits16_cm": ("digits16_cm1", "digits16_cm2")}
-# Settings that only change how checkpoints are evaluated: left out of a shared run's folder hash.
-EVALUATION_FIELDS = ("name", "description", "num_samples", "num_inference_steps", "metric", "sampler", "run_group")
+# Training steps of the default digits regimes: one CPU core trains their 27 runs in about 35 minutes.
+FULL_DIGITS8_STEPS = 800
+PRESETS: dict[str, dict[str, Regime]] = {"full": _full_preset(), "quick": _quick_preset()}
+# In the order they run: the cheap toys first, and every finished regime is written out at once.
+DEFAULT_REGIMES = ("toy2d_flow", "toy2d", "digits8_flow", "digits8", "digits8_cm")
+DEFAULT_CONTROL_REGIMES = ("toy2d", "toy2d_flow")
 
 
 # --------------------------------------------------------------------------------------------------
-# The 2-D toy: data, model, training loop
+# The 2-D toy: data, model, training loops
 # --------------------------------------------------------------------------------------------------
 
 
@@ -217,7 +226,7 @@ def eight_gaussians(num_points: int, generator: torch.Generator, radius: float =
 
 
 class ToyDenoiser(nn.Module):
-    """An MLP that predicts the noise of a 2-D point from the point and a sinusoidal timestep embedding."""
+    """An MLP mapping a 2-D point and a sinusoidal embedding of its timestep to the noise (or velocity)."""
 
     def __init__(self, hidden: int = 128, time_dim: int = 32) -> None:
         super().__init__()
@@ -249,51 +258,71 @@ def toy_data(num_eval: int) -> ToyData:
     return ToyData(eight_gaussians(20000, generator), eight_gaussians(num_eval, generator), eight_gaussians(num_eval, generator))
 
 
+@functools.cache
 def toy_scheduler() -> DDPMScheduler:
+    """The toy's noise schedule (one shared instance: only read, never stepped)."""
     # No clipping of the predicted sample: the toy's points are not confined to [-1, 1] as images are.
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
 
 
+TOY_FLOW_TIMESTEPS = 1000  # the flow toy's model takes sigma * 1000 as its timestep, as the SD3 recipe does
+
+
 @torch.no_grad()
-def sample_toy(model: nn.Module, num_samples: int, num_inference_steps: int, seed: int) -> torch.Tensor:
-    """DDIM (eta = 0) samples from a fixed starting noise."""
-    scheduler = DDIMScheduler.from_config(toy_scheduler().config)
-    scheduler.set_timesteps(num_inference_steps)
+def sample_toy(model: nn.Module, recipe: str, num_samples: int, num_inference_steps: int, seed: int) -> torch.Tensor:
+    """Samples from a fixed starting noise: DDIM (eta = 0, trailing timesteps) or Euler with uniform sigmas."""
     x = torch.randn((num_samples, 2), generator=torch.Generator().manual_seed(seed))
+    if recipe == "flow":
+        sigmas = torch.linspace(1.0, 0.0, num_inference_steps + 1)
+        for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
+            x = x + (next_sigma - sigma) * model(x, (sigma * TOY_FLOW_TIMESTEPS).expand(num_samples))
+        return x
+    scheduler = DDIMScheduler.from_config(toy_scheduler().config, timestep_spacing=DDIM_TIMESTEP_SPACING)
+    scheduler.set_timesteps(num_inference_steps)
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t.expand(num_samples)), t, x).prev_sample
     return x
 
 
+def toy_loss(model: nn.Module, recipe: str, x: torch.Tensor, assigned: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The training loss on a batch; the assigned noise is both the noising input and (part of) the target."""
+    if recipe == "flow":
+        sigmas = torch.rand((len(x), 1), generator=generator)
+        noisy = (1.0 - sigmas) * x + sigmas * assigned
+        return F.mse_loss(model(noisy, sigmas[:, 0] * TOY_FLOW_TIMESTEPS), assigned - x)
+    scheduler = toy_scheduler()
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), generator=generator)
+    return F.mse_loss(model(scheduler.add_noise(x, assigned, timesteps), timesteps), assigned)
+
+
 def train_toy_run(
     regime: Regime, method: str, seed: int, knn_k: int, data: ToyData, eval_seed: int, progress: bool
 ) -> dict[str, Any]:
-    """Train the toy denoiser; return its curve ``[(step, W2, loss)]``, assignment statistics and timing.
+    """Train the toy model; return its curves ``{nfe: [(step, W2, loss)]}``, assignment statistics and timing.
 
     Batches, noise and timesteps come from generators seeded with ``seed`` only, and the KNN candidates
-    from a separate one, so every method sees the same batches and the same noise before assignment.
+    (and the shuffle control's permutation) from a separate one, so every method sees the same batches and
+    the same noise before assignment.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ToyDenoiser()
     ema = EMAModel(model.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     optimizer = torch.optim.AdamW(model.parameters(), lr=regime.learning_rate, weight_decay=1e-6)
-    scheduler = toy_scheduler()
     data_generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator().manual_seed(seed + 1_000_003)
     knn_generator = torch.Generator().manual_seed(seed + 2_000_003)
-    curve, losses, reductions = [], [], []
+    curves: dict[int, list[tuple[int, float, float]]] = {nfe: [] for nfe in regime.nfes}
+    losses, reductions = [], []
     train_seconds = assign_seconds = 0.0
-    for step in tqdm(range(1, regime.max_train_steps + 1), desc=f"toy2d {method} seed {seed}", leave=False, disable=not progress):
+    for step in tqdm(range(1, regime.max_train_steps + 1), desc=f"{regime.name} {method} seed {seed}", leave=False, disable=not progress):
         start = time.perf_counter()
         x = data.train[torch.randint(0, len(data.train), (regime.train_batch_size,), generator=data_generator)]
         noise = torch.randn(x.shape, generator=noise_generator)
         assign_start = time.perf_counter()
         assigned, stats = assign_noise(x, noise, method=method, knn_k=knn_k, generator=knn_generator, return_stats=True)
         assign_seconds += time.perf_counter() - assign_start
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), generator=noise_generator)
-        # The assigned noise is both the noising input and the target.
-        loss = F.mse_loss(model(scheduler.add_noise(x, assigned, timesteps), timesteps), assigned)
+        loss = toy_loss(model, regime.recipe, x, assigned, noise_generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -304,10 +333,11 @@ def train_toy_run(
         if step % regime.checkpointing_steps == 0 or step == regime.max_train_steps:
             ema_model = copy.deepcopy(model)
             ema.copy_to(ema_model.parameters())
-            samples = sample_toy(ema_model, regime.num_samples, regime.num_inference_steps, eval_seed)
-            curve.append((step, wasserstein2(samples, data.reference), float(np.mean(losses[-LOSS_WINDOW:]))))
+            for nfe in regime.nfes:
+                samples = sample_toy(ema_model, regime.recipe, regime.num_samples, nfe, eval_seed)
+                curves[nfe].append((step, wasserstein2(samples, data.reference), float(np.mean(losses[-LOSS_WINDOW:]))))
     return {
-        "curve": curve,
+        "curves": curves,
         "distance_reduction": float(np.mean(reductions)),
         "seconds_per_step": train_seconds / regime.max_train_steps,
         "assign_seconds_per_step": assign_seconds / regime.max_train_steps,
@@ -315,16 +345,23 @@ def train_toy_run(
     }
 
 
+def _curves_from_json(curves: dict[str, list]) -> dict[int, list[tuple]]:
+    return {int(nfe): [tuple(point) for point in curve] for nfe, curve in curves.items()}
+
+
 def toy_run(regime: Regime, method: str, seed: int, args: argparse.Namespace, data: ToyData, progress: bool) -> dict[str, Any]:
-    """``train_toy_run``, reusing the result saved in ``--runs_dir`` by an earlier benchmark with the same settings."""
-    settings = {"regime": asdict(regime), "method": method, "seed": seed, "knn_k": args.knn_k, "eval_seed": args.eval_seed}
+    """``train_toy_run``, reusing the result an earlier benchmark saved in ``--runs_dir`` with the same settings and code."""
+    settings = {
+        "regime": asdict(regime), "method": method, "seed": seed, "knn_k": args.knn_k, "eval_seed": args.eval_seed,
+        "code_version": args.code_version,
+    }
     settings = json.loads(json.dumps(settings))  # tuples become lists, as in the saved file
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     path = Path(args.runs_dir) / regime.name / f"{METHOD_NAMES[method]}-seed{seed}-{settings_hash}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("settings") == settings:
-            return saved["result"] | {"curve": [tuple(p) for p in saved["result"]["curve"]], "reused": True}
+            return saved["result"] | {"curves": _curves_from_json(saved["result"]["curves"]), "reused": True}
     started = time.perf_counter()
     result = train_toy_run(regime, method, seed, args.knn_k, data, args.eval_seed, progress)
     result["run_seconds"] = time.perf_counter() - started
@@ -351,13 +388,13 @@ def training_arguments(regime: Regime, method: str, seed: int, knn_k: int, run_d
     The script's own sample grids are not used here: they are made rare and cheap, with the flags each
     script accepts (train_consistency.py and train_flow_matching.py reject the DDPM-only ones).
     """
-    if regime.train_script == "train_consistency.py":
+    if regime.recipe == "consistency":
         grids = ["--validation_steps", "1000000", "--save_model_epochs", "1000000"]
-    elif regime.train_script == "train_flow_matching.py":
-        grids = ["--num_inference_steps", "10", "--save_images_epochs", "1000000", "--save_model_epochs", "1000000"]
+    elif regime.recipe == "flow":
+        grids = ["--num_inference_steps", "4", "--save_images_epochs", "1000000", "--save_model_epochs", "1000000"]
     else:
         grids = [
-            "--eval_scheduler", "ddim", "--ddpm_num_inference_steps", "10",
+            "--eval_scheduler", "ddim", "--ddpm_num_inference_steps", "4",
             "--save_images_epochs", "1000000", "--save_model_epochs", "1000000",
         ]
     args = [
@@ -438,25 +475,23 @@ def train_log_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def regime_train_script(regime: Regime, args: argparse.Namespace) -> Path:
-    """The training script of an image regime: its own, or ``--train_script``."""
-    return REPO_ROOT / "training_scripts" / regime.train_script if regime.train_script else Path(args.train_script)
+    """The training script of an image regime: its recipe's, or ``--train_script`` for DDPM regimes."""
+    if regime.recipe == "ddpm" and args.train_script:
+        return Path(args.train_script)
+    return REPO_ROOT / "training_scripts" / regime.train_script
 
 
 def image_run(
     regime: Regime, method: str, seed: int, args: argparse.Namespace, metric, progress: bool
 ) -> dict[str, Any]:
-    """Train (or reuse) one run of an image regime and evaluate all its checkpoints (or reuse that too)."""
-    # The folder name carries a hash of the settings, so runs with other settings never overwrite these.
+    """Train (or reuse) one run of an image regime and evaluate all its checkpoints at every NFE (or reuse that too)."""
     train_script = regime_train_script(regime, args)
-    if regime.train_script or regime.run_group:
-        # The hash leaves the evaluation-only settings out: regimes evaluating the same runs differently share them.
-        settings = {key: value for key, value in asdict(regime).items() if key not in EVALUATION_FIELDS}
-        settings_hash = hashlib.sha256(json.dumps([settings, args.knn_k, str(train_script)]).encode()).hexdigest()[:8]
-    else:
-        # The original regimes hash exactly what they always did, so their earlier runs are still reused.
-        settings = {key: value for key, value in asdict(regime).items() if key not in ("train_script", "sampler", "run_group")}
-        settings_hash = hashlib.sha256(json.dumps([settings, args.knn_k, args.train_script]).encode()).hexdigest()[:8]
-    run_dir = Path(args.runs_dir) / (regime.run_group or regime.name) / f"{METHOD_NAMES[method]}-seed{seed}-{settings_hash}"
+    # The folder name carries a hash of the training settings and the code version: runs trained with other
+    # settings or by other code are never reused. Evaluation-only settings are left out of it.
+    settings = {key: value for key, value in asdict(regime).items() if key not in EVALUATION_FIELDS}
+    script_name = str(train_script.relative_to(REPO_ROOT)) if train_script.is_relative_to(REPO_ROOT) else str(train_script)
+    settings_hash = hashlib.sha256(json.dumps([settings, args.knn_k, script_name, args.code_version]).encode()).hexdigest()[:8]
+    run_dir = Path(args.runs_dir) / regime.name / f"{METHOD_NAMES[method]}-seed{seed}-{settings_hash}"
     train_args = training_arguments(regime, method, seed, args.knn_k, run_dir)
     record_path = run_dir / "speedup_run.json"
     reused = run_is_complete(run_dir, train_args, regime.max_train_steps)
@@ -465,29 +500,36 @@ def image_run(
         if record_path.is_file() and json.loads(record_path.read_text()).get("args") != train_args:
             shutil.rmtree(run_dir)  # the same folder with other flags (another --launcher, say): start over
         run_dir.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps({"args": train_args, "finished": False}, indent=2))
+        record_path.write_text(json.dumps({"args": train_args, "finished": False, "code_version": args.code_version}, indent=2))
         seconds = run_training(train_args, run_dir, args.launcher, train_script, args.num_threads)
-        record_path.write_text(json.dumps({"args": train_args, "finished": True, "train_seconds": seconds}, indent=2))
+        record_path.write_text(
+            json.dumps({"args": train_args, "finished": True, "train_seconds": seconds, "code_version": args.code_version}, indent=2)
+        )
     record = json.loads(record_path.read_text())
 
     eval_settings = {
-        "metric": regime.metric, "num_samples": regime.num_samples, "num_inference_steps": regime.num_inference_steps,
-        "seed": args.eval_seed, "scheduler": regime.sampler, "use_ema": True,
+        "metric": regime.metric, "num_samples": regime.num_samples, "nfes": list(regime.nfes),
+        "seed": args.eval_seed, "sampler": regime.sampler, "use_ema": True, "code_version": args.code_version,
     }
-    # Each regime sharing the run keeps its own evaluation cache.
-    eval_path = run_dir / (f"speedup_eval-{regime.name}.json" if regime.run_group else "speedup_eval.json")
+    eval_path = run_dir / "speedup_eval.json"
     cached = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
     if cached.get("settings") != eval_settings:
         results = evaluate_runs(
-            [run_dir], metrics=[metric], scheduler=regime.sampler, num_inference_steps=regime.num_inference_steps,
+            [run_dir], metrics=[metric], scheduler=regime.sampler, num_inference_steps=list(regime.nfes),
             num_samples=regime.num_samples, seed=args.eval_seed, batch_size=args.eval_batch_size, use_ema=True,
             device=args.device, progress=progress,
         )
-        cached = {"settings": eval_settings, "curve": [(row["step"], row["value"], row["train_loss"]) for row in results.rows]}
-        eval_path.write_text(json.dumps(cached, indent=2))
+        curves = {
+            nfe: [(row["step"], row["value"], row["train_loss"]) for row in sorted(results.rows, key=lambda r: r["step"]) if row["nfe"] == nfe]
+            for nfe in regime.nfes
+        }
+        cached = {"settings": eval_settings, "curves": curves}
+        partial = eval_path.with_name(eval_path.name + ".tmp")
+        partial.write_text(json.dumps(cached, indent=2))
+        os.replace(partial, eval_path)
     log = train_log_summary(run_dir)
     return {
-        "curve": [tuple(point) for point in cached["curve"]],
+        "curves": _curves_from_json(cached["curves"]),
         "distance_reduction": log["distance_reduction"],
         # Whole-run wall clock over steps: includes start-up and checkpoint writing, the same for every method.
         "seconds_per_step": record.get("train_seconds", float("nan")) / regime.max_train_steps,
@@ -607,6 +649,64 @@ def steps_to_target(
 
 
 # --------------------------------------------------------------------------------------------------
+# Verdicts
+# --------------------------------------------------------------------------------------------------
+
+
+def compare_final(vanilla: Sequence[float], method: Sequence[float]) -> str:
+    """``"better"``, ``"worse"`` or ``"same"``: the method's final seed-mean quality against vanilla's (lower is better).
+
+    Different only when the seed means differ by more than ``VERDICT_STANDARD_ERRORS`` standard errors of
+    their difference AND by more than ``VERDICT_MIN_RELATIVE`` of vanilla's mean.
+    """
+    vanilla, method = np.asarray(vanilla, dtype=float), np.asarray(method, dtype=float)
+    difference = method.mean() - vanilla.mean()
+    variance = sum(v.var(ddof=1) / len(v) if len(v) > 1 else 0.0 for v in (vanilla, method))
+    if abs(difference) <= VERDICT_STANDARD_ERRORS * math.sqrt(variance) or abs(difference) <= VERDICT_MIN_RELATIVE * abs(vanilla.mean()):
+        return "same"
+    return "better" if difference < 0 else "worse"
+
+
+VERDICT_WORDS = {"better": "helps", "worse": "hurts", "same": "no clear difference"}
+
+
+def nfe_verdicts(
+    curves: dict[str, dict[int, list[tuple]]], targets: list[dict[str, Any]], max_steps: int
+) -> dict[str, dict[str, Any]]:
+    """Per method: final quality (seed mean, sd) against vanilla's, the comparison, and the ratio at q(1)."""
+    finals = {m: [curve[-1][1] for curve in by_seed.values() if curve[-1][0] == max_steps] for m, by_seed in curves.items()}
+    verdicts = {}
+    for method, values in finals.items():
+        ratio = next((r["ratio"] for r in targets if r["method"] == method and r["target_fraction"] == 1.0), None)
+        comparison = "same" if method == "none" or not values or not finals["none"] else compare_final(finals["none"], values)
+        verdicts[method] = {
+            "final_mean": float(np.mean(values)) if values else None,
+            "final_sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "vanilla_final_mean": float(np.mean(finals["none"])) if finals["none"] else None,
+            "comparison": comparison,
+            "verdict": "reference" if method == "none" else VERDICT_WORDS[comparison],
+            "ratio_at_vanilla_final": str(ratio) if ratio is not None else None,
+        }
+    return verdicts
+
+
+def verdict_line(regime: dict[str, Any], nfe: int) -> str:
+    """One line: how each method compares with vanilla in this regime at this NFE."""
+    verdicts = regime["by_nfe"][nfe]["verdicts"]
+    parts = []
+    for method in regime["methods"]:
+        if method == "none":
+            continue
+        v = verdicts[method]
+        parts.append(
+            f"{METHOD_NAMES[method]} {v['verdict']} ({v['final_mean']:.3g} vs {v['vanilla_final_mean']:.3g}"
+            + (f", steps ratio {v['ratio_at_vanilla_final']}" if v["ratio_at_vanilla_final"] else "")
+            + ")"
+        )
+    return f"{regime['name']} ({RECIPES[regime['recipe']]}), NFE {nfe}: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------------
 
@@ -633,123 +733,166 @@ def _mean_sd(point: dict[str, Any]) -> str:
     return f"{point['mean']:.3g}" + ("" if point["std"] is None else f" ± {point['std']:.2g}")
 
 
-def markdown_report(report: dict[str, Any]) -> str:
-    """The benchmark's Markdown: protocol, summary table, per-regime curves, timing."""
+def _ratio_cells(regime: dict[str, Any], nfe: int, method: str, fractions: Sequence[float]) -> list[str]:
+    cells = []
+    for fraction in fractions:
+        row = next((r for r in regime["by_nfe"][nfe]["targets"] if r["method"] == method and r["target_fraction"] == fraction), None)
+        if row is None:
+            cells.append("–")
+            continue
+        seeds = ", ".join(str(r) for r in row["per_seed_ratios"])
+        cells.append(f"{row['ratio']} ({seeds})")
+    return cells
+
+
+def summary_markdown(report: dict[str, Any], with_provenance: bool = True) -> str:
+    """The verdict table: one row per (regime, NFE, method), and one verdict line per (regime, NFE)."""
     fractions = report["target_fractions"]
-    lines = [
-        "# Immiscible diffusion: training steps to the same sample quality",
+    lines = [provenance_markdown(report["provenance"]), ""] if with_provenance else []
+    lines += [
+        f"Seeds {report['seeds']}; lower quality values are better; ratio = vanilla's training steps to a quality "
+        "target / the method's (>1: fewer steps than vanilla; in brackets per seed; < or >: a bound, the curve never "
+        "got there); verdict: final quality beyond 2 standard errors and 5% of vanilla's.",
         "",
-        f"Measured {report['date']} on {report['machine']} ({report['preset']} preset, seeds {report['seeds']}, "
-        f"{report['elapsed_minutes']:.1f} min for this invocation"
-        + (f", which reused {report['reused_runs']} of {report['total_runs']} runs from an earlier one" if report["reused_runs"] else "")
-        + ").",
-        "",
-        "Protocol: every method is trained with the same seeds — the same batches, the same noise before "
-        "assignment, the same initial weights (checked: the batch and noise fingerprints of train_log.csv agree) — "
-        "and a constant learning rate after warmup, with EMA weights. Every checkpoint is sampled with DDIM "
-        "(eta = 0; digits16_cm1/2: the consistency model's 1- or 2-step sampling; digits16_flow: Euler) from the same starting noise and scored (lower is better). The target q(f) is vanilla's "
-        "seed-mean quality at the fraction f of the budget; the ratio is the steps vanilla's seed-mean curve needs "
-        "to reach it divided by the steps the method's seed-mean curve needs (linear interpolation between "
-        "checkpoints; >1 means fewer steps than vanilla). In brackets: the ratio of each seed pair; a curve that "
-        "never reached the target within the budget gives a bound (< or >).",
-        "",
-        "| regime | D | batch | method | distance reduction | "
-        + " | ".join(f"ratio at q({f:g})" for f in fractions)
-        + " | final quality (mean ± sd) | train loss (not a quality measure) |",
-        "|---|---:|---:|---|---:|" + "---|" * len(fractions) + "---:|---:|",
+        "| regime | recipe | D | NFE | method | distance reduction | final quality (mean ± sd) | "
+        + " | ".join(f"ratio at q({f:g})" for f in fractions) + " | verdict |",
+        "|---|---|---:|---:|---|---:|---:|" + "---|" * len(fractions) + "---|",
     ]
     for regime in report["regimes"]:
-        for method in regime["methods"]:
-            cells = []
-            for fraction in fractions:
-                row = next((r for r in regime["targets"] if r["method"] == method and r["target_fraction"] == fraction), None)
-                if row is None:
-                    cells.append("–")
-                    continue
-                seeds = ", ".join(str(r) for r in row["per_seed_ratios"])
-                cells.append(f"{row['ratio']} ({seeds})")
-            final = regime["statistics"][method][-1]
-            loss = final["train_loss"]
-            lines.append(
-                f"| {regime['name']} | {regime['dimension']} | {regime['train_batch_size']} | {METHOD_NAMES[method]} | "
-                f"{100 * regime['distance_reduction'][method]:.1f}% | " + " | ".join(cells)
-                + f" | {_mean_sd(final)} | {'–' if loss is None else f'{loss:.4f}'} |"
-            )
-    lines += ["", "## Quality vs training step (mean ± sd across seeds)", ""]
+        for nfe in regime["nfes"]:
+            stats = regime["by_nfe"][nfe]["statistics"]
+            for method in regime["methods"]:
+                lines.append(
+                    f"| {regime['name']} | {RECIPES[regime['recipe']]} | {regime['dimension']} | {nfe} | {METHOD_NAMES[method]} | "
+                    f"{100 * regime['distance_reduction'][method]:.1f}% | {_mean_sd(stats[method][-1])} | "
+                    + " | ".join(_ratio_cells(regime, nfe, method, fractions))
+                    + f" | {regime['by_nfe'][nfe]['verdicts'][method]['verdict']} |"
+                )
+    lines += ["", "Verdicts, one per (regime, NFE):", ""]
+    lines += [f"- {verdict_line(regime, nfe)}" for regime in report["regimes"] for nfe in regime["nfes"]]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The benchmark's Markdown: provenance, protocol, verdicts, per-regime curves per NFE, timing."""
+    lines = [
+        "# Immiscible diffusion: training steps to the same sample quality, per sampling budget (NFE)",
+        "",
+        provenance_markdown(report["provenance"]),
+        "",
+        ("" if report["complete"] else "**Partial: the benchmark is still running or was stopped; regimes not listed have no results.** ")
+        + f"{report['preset']} preset, {report['elapsed_minutes']:.1f} min for this invocation"
+        + (f", which reused {report['reused_runs']} of {report['total_runs']} runs from an earlier one" if report["reused_runs"] else "")
+        + f"; {report['threads']}.",
+        "",
+        "Protocol: every method is trained with the same seeds — the same batches, the same noise before "
+        "assignment, the same initial weights (checked for the image regimes: the batch and noise fingerprints of "
+        "train_log.csv agree) — and a constant learning rate after warmup, with EMA weights. Every checkpoint is "
+        "sampled at each NFE from the same starting noise (DDIM eta = 0 with trailing timesteps; flow matching: Euler "
+        "with uniform sigmas; consistency: the multistep sampler) and scored (lower is better). The target q(f) is "
+        "vanilla's seed-mean quality at the fraction f of the budget, at the same NFE; the ratio is the steps vanilla's "
+        "seed-mean curve needs to reach it divided by the steps the method's seed-mean curve needs (linear "
+        "interpolation between checkpoints).",
+        "",
+        "## Summary",
+        "",
+        summary_markdown(report, with_provenance=False),
+        "## Quality vs training step (mean ± sd across seeds)",
+        "",
+    ]
     for regime in report["regimes"]:
         lines += [
             f"### {regime['name']}: {regime['description']}",
             "",
             f"Metric: {regime['metric_label']}. Floor {regime['anchors']['floor']:.3g}, ceiling "
-            f"{regime['anchors']['ceiling']:.3g}. Targets: "
-            + ", ".join(f"q({r['target_fraction']:g}) = {r['target_value']:.3g}" for r in regime["targets"] if r["method"] == "none")
-            + ".",
+            f"{regime['anchors']['ceiling']:.3g}. Training budget {regime['max_train_steps']} steps at batch "
+            f"{regime['train_batch_size']}.",
             "",
-            "| step | " + " | ".join(METHOD_NAMES[m] for m in regime["methods"]) + " |",
-            "|---:|" + "---:|" * len(regime["methods"]),
+            "| step | NFE | " + " | ".join(METHOD_NAMES[m] for m in regime["methods"]) + " | train loss (vanilla; not a quality measure) |",
+            "|---:|---:|" + "---:|" * len(regime["methods"]) + "---:|",
         ]
-        for index, point in enumerate(regime["statistics"][regime["methods"][0]]):
-            cells = [_mean_sd(regime["statistics"][m][index]) for m in regime["methods"]]
-            lines.append(f"| {point['step']} | " + " | ".join(cells) + " |")
+        for nfe in regime["nfes"]:
+            stats = regime["by_nfe"][nfe]["statistics"]
+            for index, point in enumerate(stats[regime["methods"][0]]):
+                cells = [_mean_sd(stats[m][index]) for m in regime["methods"]]
+                loss = point["train_loss"]
+                lines.append(f"| {point['step']} | {nfe} | " + " | ".join(cells) + f" | {'–' if loss is None else f'{loss:.4f}'} |")
         lines.append("")
     lines += [
         "## Wall-clock cost per step",
         "",
         "Seconds per step of the whole run (start-up and checkpoint writing included, the same work for every "
-        "method), and the assignment's own time per step, also as a share of a vanilla step. On a CPU shared with "
-        "other jobs the whole-run figures vary by tens of percent from run to run, so their differences between "
-        "methods are mostly noise; the assignment's own time is the direct measure of its cost. (For vanilla the "
-        "assignment time is the cost of the call that returns the noise unchanged and of its statistics.)",
+        "method), and the assignment's own time per step. On a CPU shared with other jobs the whole-run figures vary "
+        "by tens of percent from run to run; the assignment's own time is the direct measure of its cost.",
         "",
-        "| regime | method | s/step (whole run) | assignment ms/step | assignment / vanilla step | whole-run s/step vs vanilla |",
-        "|---|---|---:|---:|---:|---:|",
+        "| regime | method | s/step (whole run) | assignment ms/step | assignment / vanilla step |",
+        "|---|---|---:|---:|---:|",
     ]
     for regime in report["regimes"]:
-        base = regime["timing"]["none"]["seconds_per_step"] if "none" in regime["timing"] else None
+        base = regime["timing"]["none"]["seconds_per_step"]
         for method in regime["methods"]:
             timing = regime["timing"][method]
-            overhead = "–" if not base or method == "none" else f"{100 * (timing['seconds_per_step'] / base - 1):+.1f}%"
             share = "–" if not base else f"{100 * timing['assign_seconds_per_step'] / base:.1f}%"
             lines.append(
                 f"| {regime['name']} | {METHOD_NAMES[method]} | {timing['seconds_per_step']:.3f} | "
-                f"{1000 * timing['assign_seconds_per_step']:.2f} | {share} | {overhead} |"
+                f"{1000 * timing['assign_seconds_per_step']:.2f} | {share} |"
             )
-    lines += ["", f"Same batches across methods: {report['same_batches']}.", "", f"Command: `{report['command']}`", ""]
+    lines += ["", f"Same batches across methods: {report['same_batches']}.", ""]
     return "\n".join(lines)
 
 
 def plot_report(report: dict[str, Any], path: Path) -> Path:
-    """One panel per regime: each method's seed-mean curve with its min-max band, and the anchors."""
+    """A row per regime: a panel per NFE (seed-mean curves with min-max bands) and quality vs NFE at the end."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     regimes = report["regimes"]
-    figure, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 4.2), squeeze=False)
-    for axis, regime in zip(axes[0], regimes):
+    columns = max(len(r["nfes"]) for r in regimes) + 1
+    figure, axes = plt.subplots(len(regimes), columns, figsize=(3.4 * columns, 3.0 * len(regimes)), squeeze=False)
+    for row_axes, regime in zip(axes, regimes):
+        for axis in row_axes[len(regime["nfes"]) : -1]:
+            axis.axis("off")
+        for axis, nfe in zip(row_axes, regime["nfes"]):
+            for method in regime["methods"]:
+                stats = regime["by_nfe"][nfe]["statistics"][method]
+                steps = [s["step"] for s in stats]
+                axis.plot(steps, [s["mean"] for s in stats], marker="o", markersize=2, color=METHOD_COLORS.get(method), label=METHOD_NAMES[method])
+                axis.fill_between(steps, [s["min"] for s in stats], [s["max"] for s in stats], color=METHOD_COLORS.get(method), alpha=0.15)
+            _anchor_lines(axis, regime)
+            axis.set_title(f"{regime['name']}, NFE {nfe}", fontsize=8)
+            axis.set_xlabel("training step", fontsize=7)
+        final_axis = row_axes[-1]
         for method in regime["methods"]:
-            stats = regime["statistics"][method]
-            steps = [s["step"] for s in stats]
-            axis.plot(
-                steps, [s["mean"] for s in stats], marker="o", markersize=3, color=METHOD_COLORS.get(method),
-                label=METHOD_NAMES[method] + ("" if method == "none" else f" (distance -{100 * regime['distance_reduction'][method]:.1f}%)"),
+            finals = [regime["by_nfe"][nfe]["statistics"][method][-1] for nfe in regime["nfes"]]
+            final_axis.errorbar(
+                regime["nfes"], [f["mean"] for f in finals], yerr=[f["std"] or 0.0 for f in finals], marker="o", markersize=3,
+                color=METHOD_COLORS.get(method), label=METHOD_NAMES[method] + ("" if method == "none" else f" (-{100 * regime['distance_reduction'][method]:.0f}%)"),
+                capsize=2,
             )
-            axis.fill_between(steps, [s["min"] for s in stats], [s["max"] for s in stats], color=METHOD_COLORS.get(method), alpha=0.15)
-        for anchor, color, style, label in (("floor", "tab:green", "--", "floor (real data)"), ("ceiling", "tab:red", ":", "ceiling (noise)")):
-            if math.isfinite(regime["anchors"].get(anchor, float("nan"))):
-                axis.axhline(regime["anchors"][anchor], color=color, linestyle=style, linewidth=1, label=label)
-        axis.set_yscale("log")
-        axis.set_title(f"{regime['name']} (D={regime['dimension']}, batch {regime['train_batch_size']})", fontsize=10)
-        axis.set_xlabel("training step")
-        axis.set_ylabel(regime["metric_label"] + " ↓", fontsize=8)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    figure.suptitle(f"Sample quality vs training step: seed mean, min-max band over {len(report['seeds'])} seed(s)", fontsize=10)
+        _anchor_lines(final_axis, regime)
+        final_axis.set_xscale("log", base=2)
+        final_axis.set_xticks(regime["nfes"], [str(n) for n in regime["nfes"]])
+        final_axis.set_title(f"{regime['name']}: final checkpoint vs NFE", fontsize=8)
+        final_axis.set_xlabel("NFE", fontsize=7)
+        final_axis.legend(fontsize=6)
+        for axis in [*row_axes[: len(regime["nfes"])], final_axis]:
+            axis.set_yscale("log")
+            axis.grid(alpha=0.3)
+            axis.tick_params(labelsize=6)
+        row_axes[0].set_ylabel(regime["metric_label"] + " ↓", fontsize=7)
+    figure.suptitle(f"Sample quality vs training step per NFE: seed mean, min-max band over {len(report['seeds'])} seed(s)", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def _anchor_lines(axis, regime: dict[str, Any]) -> None:
+    for anchor, color, style in (("floor", "tab:green", "--"), ("ceiling", "tab:red", ":")):
+        if math.isfinite(regime["anchors"].get(anchor, float("nan"))):
+            axis.axhline(regime["anchors"][anchor], color=color, linestyle=style, linewidth=0.8)
 
 
 METRIC_LABELS = {
@@ -759,44 +902,62 @@ METRIC_LABELS = {
 }
 
 
+def _serialisable(value: Any) -> Any:
+    """JSON-ready: ratios as text, NFE keys as strings."""
+    return json.loads(json.dumps(value, default=lambda o: str(o) if isinstance(o, Ratio) else o))
+
+
 def write_report(report: dict[str, Any], output_dir: Path) -> dict[str, Path]:
-    """``speedup.csv``, ``speedup_summary.csv``, ``speedup.md``, ``speedup.png`` and ``speedup.json``."""
+    """``speedup.csv`` (+ ``speedup.csv.json`` provenance), ``speedup_summary.csv`` (+ provenance json),
+    ``speedup.md``, ``speedup_summary.md``, ``speedup.png`` and ``speedup.json``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     points = [
-        {"regime": regime["name"], "method": METHOD_NAMES[method], "seed": seed, "step": step, "metric": regime["metric"],
-         "value": value, "train_loss": loss}
+        {"regime": regime["name"], "recipe": regime["recipe"], "method": METHOD_NAMES[method], "seed": seed, "nfe": nfe,
+         "step": step, "metric": regime["metric"], "value": value, "train_loss": loss}
         for regime in report["regimes"]
         for method, by_seed in regime["curves"].items()
-        for seed, curve in sorted(by_seed.items())
+        for seed, by_nfe in sorted(by_seed.items())
+        for nfe, curve in sorted(by_nfe.items())
         for step, value, loss in curve
     ]
     summary = []
     for regime in report["regimes"]:
-        for row in regime["targets"]:
-            method = row["method"]
-            summary.append(
-                {
-                    "regime": regime["name"], "dimension": regime["dimension"], "train_batch_size": regime["train_batch_size"],
-                    "method": METHOD_NAMES[method], "distance_reduction": regime["distance_reduction"][method],
-                    "target_fraction": row["target_fraction"], "target_value": row["target_value"],
-                    "vanilla_steps": row["vanilla_steps"], "method_steps": row["method_steps"], "ratio": str(row["ratio"]),
-                    "per_seed_ratios": " ".join(str(r) for r in row["per_seed_ratios"]),
-                    "seeds_reached": row["seeds_reached"], "num_seeds": row["num_seeds"],
-                    "seconds_per_step": regime["timing"][method]["seconds_per_step"],
-                    "assign_seconds_per_step": regime["timing"][method]["assign_seconds_per_step"],
-                    "floor": regime["anchors"]["floor"], "ceiling": regime["anchors"]["ceiling"],
-                }
-            )
+        for nfe in regime["nfes"]:
+            verdicts = regime["by_nfe"][nfe]["verdicts"]
+            for row in regime["by_nfe"][nfe]["targets"]:
+                method = row["method"]
+                summary.append(
+                    {
+                        "regime": regime["name"], "recipe": regime["recipe"], "dimension": regime["dimension"],
+                        "train_batch_size": regime["train_batch_size"], "nfe": nfe, "method": METHOD_NAMES[method],
+                        "distance_reduction": regime["distance_reduction"][method],
+                        "target_fraction": row["target_fraction"], "target_value": row["target_value"],
+                        "vanilla_steps": row["vanilla_steps"], "method_steps": row["method_steps"], "ratio": str(row["ratio"]),
+                        "per_seed_ratios": " ".join(str(r) for r in row["per_seed_ratios"]),
+                        "seeds_reached": row["seeds_reached"], "num_seeds": row["num_seeds"],
+                        "final_mean": verdicts[method]["final_mean"], "final_sd": verdicts[method]["final_sd"],
+                        "verdict": verdicts[method]["verdict"],
+                        "seconds_per_step": regime["timing"][method]["seconds_per_step"],
+                        "assign_seconds_per_step": regime["timing"][method]["assign_seconds_per_step"],
+                        "floor": regime["anchors"]["floor"], "ceiling": regime["anchors"]["ceiling"],
+                    }
+                )
     paths = {
-        "csv": write_csv(points, output_dir / "speedup.csv", ("regime", "method", "seed", "step", "metric", "value", "train_loss")),
+        "csv": write_csv(points, output_dir / "speedup.csv", ("regime", "recipe", "method", "seed", "nfe", "step", "metric", "value", "train_loss")),
         "summary": write_csv(summary, output_dir / "speedup_summary.csv", tuple(summary[0]) if summary else ("regime",)),
     }
+    # The CSVs' provenance, in a sibling file each.
+    for key in ("csv", "summary"):
+        sibling = paths[key].with_name(paths[key].name + ".json")
+        sibling.write_text(json.dumps({"provenance": report["provenance"], "file": paths[key].name}, indent=1) + "\n")
+        paths[key + "_provenance"] = sibling
     paths["markdown"] = output_dir / "speedup.md"
     paths["markdown"].write_text(markdown_report(report))
+    paths["summary_markdown"] = output_dir / "speedup_summary.md"
+    paths["summary_markdown"].write_text(summary_markdown(report))
     paths["plot"] = plot_report(report, output_dir / "speedup.png")
-    serialisable = json.loads(json.dumps(report, default=lambda o: str(o) if isinstance(o, Ratio) else o))
     paths["json"] = output_dir / "speedup.json"
-    paths["json"].write_text(json.dumps(serialisable, indent=1) + "\n")
+    paths["json"].write_text(json.dumps(_serialisable(report), indent=1) + "\n")
     return paths
 
 
@@ -807,18 +968,21 @@ def write_report(report: dict[str, Any], output_dir: Path) -> dict[str, Path]:
 
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True, help="Where speedup.csv, speedup_summary.csv, speedup.md, speedup.png go.")
+    parser.add_argument("--output_dir", required=True, help="Where the speedup* results files go.")
     parser.add_argument(
         "--runs_dir", default=None, help=f"Where the training runs go (default: {DEFAULT_RUNS_DIR.relative_to(REPO_ROOT)}/ in the repository)."
     )
     parser.add_argument("--quick", action="store_true", help="Short runs (a few minutes on 2 CPU cores): a smoke test, not a result.")
     parser.add_argument(
-        "--regimes", nargs="+", default=list(DEFAULT_REGIMES), choices=[*PRESETS["full"], *REGIME_ALIASES],
-        help="Regimes to run (default: %(default)s). Not in the default: cifar10 (GPU), digits16_flow (flow matching, "
-        "Euler sampling) and digits16_cm (consistency training, = digits16_cm1 and digits16_cm2: 1- and 2-step "
-        "sampling of the same runs).",
+        "--regimes", nargs="+", default=list(DEFAULT_REGIMES), choices=list(PRESETS["full"]),
+        help="Regimes to run (default: %(default)s).",
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="'none' (vanilla) is required.")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + CONTROLS, help="'none' (vanilla) is required.")
+    parser.add_argument(
+        "--controls_in", nargs="*", default=None, choices=list(PRESETS["full"]),
+        help=f"Regimes that also run the controls {CONTROLS} (default: those of {list(DEFAULT_CONTROL_REGIMES)} that "
+        "are selected; pass the flag alone for none).",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Training seeds (default: 0 1 2; --quick: 0 1).")
     parser.add_argument("--knn_k", type=int, default=4, help="Candidates per image for the KNN method.")
     parser.add_argument(
@@ -831,10 +995,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     overrides.add_argument("--train_batch_size", type=int, default=None)
     overrides.add_argument("--learning_rate", type=float, default=None)
     overrides.add_argument("--num_samples", type=int, default=None, help="Samples per checkpoint.")
-    overrides.add_argument(
-        "--num_inference_steps", type=int, default=None,
-        help="Sampling steps per sample (DDIM; Euler for digits16_flow). Not applied to digits16_cm1/2 (1 and 2 steps).",
-    )
+    overrides.add_argument("--nfes", type=int, nargs="+", default=None, help="Sampling steps (NFE) to score every checkpoint at.")
     overrides.add_argument("--unet_block_out_channels", default=None, help="UNet widths of the digits regimes, e.g. 16,16.")
     data = parser.add_argument_group("cifar10 regime")
     data.add_argument("--dataset_name", default=None, help="Replace CIFAR-10 by another Hub dataset or local dataset folder.")
@@ -852,7 +1013,10 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         help="'inprocess' (import the training script: fastest on a CPU), 'python', or a launcher command such as "
         "'accelerate launch --num_processes 8' (the training script's path and flags are appended).",
     )
-    running.add_argument("--train_script", default=str(TRAIN_SCRIPT), help="The training script to benchmark.")
+    running.add_argument(
+        "--train_script", default=None,
+        help="Benchmark another DDPM training script (default: training_scripts/train_unconditional.py).",
+    )
     running.add_argument("--device", default=None, help="Evaluation device (default: cuda when available, else cpu).")
     running.add_argument(
         "--num_threads", type=int, default=None,
@@ -862,8 +1026,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     running.add_argument("--eval_batch_size", type=int, default=512, help="Images sampled per forward pass.")
     running.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
     args = parser.parse_args(input_args)
-    expanded = [name for alias in args.regimes for name in REGIME_ALIASES.get(alias, (alias,))]
-    args.regimes = list(dict.fromkeys(expanded))
+    args.regimes = list(dict.fromkeys(args.regimes))
     if "none" not in args.methods:
         parser.error("--methods must include 'none': the ratios are against vanilla training")
     if args.seeds is None:
@@ -872,6 +1035,12 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seeds must be distinct, got {args.seeds}")
     if any(not 0 < f <= 1 for f in args.target_fractions):
         parser.error(f"--target_fractions must lie in (0, 1], got {args.target_fractions}")
+    if args.nfes is not None and (any(n < 1 for n in args.nfes) or len(set(args.nfes)) != len(args.nfes)):
+        parser.error(f"--nfes must be distinct positive integers, got {args.nfes}")
+    if args.controls_in is None:
+        args.controls_in = [name for name in DEFAULT_CONTROL_REGIMES if name in args.regimes]
+    elif not set(args.controls_in) <= set(args.regimes):
+        parser.error(f"--controls_in must name regimes that run (--regimes {args.regimes}), got {args.controls_in}")
     if args.runs_dir is None:
         args.runs_dir = str(DEFAULT_RUNS_DIR)
     if args.num_threads is None and not torch.cuda.is_available():
@@ -887,9 +1056,11 @@ def selected_regimes(args: argparse.Namespace) -> list[Regime]:
         regime = preset[name]
         changes = {
             key: getattr(args, key)
-            for key in ("max_train_steps", "checkpointing_steps", "train_batch_size", "learning_rate", "num_samples", "num_inference_steps")
-            if getattr(args, key) is not None and not (key == "num_inference_steps" and regime.sampler == "consistency")
+            for key in ("max_train_steps", "checkpointing_steps", "train_batch_size", "learning_rate", "num_samples")
+            if getattr(args, key) is not None
         }
+        if args.nfes is not None:
+            changes["nfes"] = tuple(sorted(args.nfes))
         if args.unet_block_out_channels and regime.kind == "images" and name != "cifar10":
             changes["unet_block_out_channels"] = args.unet_block_out_channels
         if name == "cifar10" and (args.dataset_name or args.train_data_dir or args.image_column):
@@ -913,9 +1084,16 @@ def selected_regimes(args: argparse.Namespace) -> list[Regime]:
     return regimes
 
 
+def regime_methods(regime: Regime, args: argparse.Namespace) -> list[str]:
+    """The methods a regime runs: ``--methods``, plus the controls where ``--controls_in`` asks for them."""
+    return list(args.methods) + [c for c in CONTROLS if regime.name in args.controls_in and c not in args.methods]
+
+
 def main(input_args: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(input_args)
     started = time.perf_counter()
+    # Computed once: runs are keyed on the code that trains and evaluates them.
+    args.code_version = code_version()
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     # Training-script logs go to each run's speedup_train.log; only warnings reach the console.
@@ -924,22 +1102,21 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(handlers=[console], level=logging.INFO)
     progress = not args.no_progress
     regimes = selected_regimes(args)
+    command = command_line([str(Path(__file__).resolve()), *input_args]) if input_args is not None else command_line()
     report: dict[str, Any] = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"
-        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
-        + (f", {args.num_threads} torch thread(s)" if args.num_threads else ""),
+        "provenance": provenance(command),
+        "threads": f"{args.num_threads} torch thread(s)" if args.num_threads else "torch's default threads",
         "preset": "quick" if args.quick else "full",
         "seeds": args.seeds,
         "target_fractions": args.target_fractions,
-        "command": "python benchmarks/speedup.py " + " ".join(shlex.quote(a) for a in (input_args if input_args is not None else sys.argv[1:])),
         "regimes": [],
     }
     fingerprints_agree = True
-    runs_by_regime = []
+    all_runs = []
     digits_metric = None
     for regime in regimes:
-        runs: dict[str, dict[int, dict[str, Any]]] = {method: {} for method in args.methods}
+        methods = regime_methods(regime, args)
+        runs: dict[str, dict[int, dict[str, Any]]] = {method: {} for method in methods}
         if regime.kind == "toy":
             data = toy_data(regime.num_samples)
             anchors = toy_anchors(data, regime.num_samples, args.eval_seed)
@@ -959,55 +1136,70 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, Any]:
             anchors = {name: value for name, (value, _) in anchor_values.items()}
             anchors.setdefault("floor", float("nan"))
             metric_info = metric.describe()
-        runs_by_regime.append(runs)
-        jobs = [(method, seed) for seed in args.seeds for method in args.methods]
+        jobs = [(method, seed) for seed in args.seeds for method in methods]
         for method, seed in tqdm(jobs, desc=regime.name, disable=not progress):
             if regime.kind == "toy":
                 runs[method][seed] = toy_run(regime, method, seed, args, data, progress)
             else:
                 runs[method][seed] = image_run(regime, method, seed, args, metric, progress)
+            all_runs.append(runs[method][seed])
         if regime.kind == "images":
             for seed in args.seeds:
                 for key in ("batch_fingerprint", "noise_fingerprint"):
-                    if len({runs[m][seed][key] for m in args.methods}) != 1:
+                    if len({runs[m][seed][key] for m in methods}) != 1:
                         fingerprints_agree = False
-        curves = {m: {s: [(p[0], p[1]) for p in run["curve"]] for s, run in by_seed.items()} for m, by_seed in runs.items()}
-        # A target before the first checkpoint cannot be located on the curves: it is left out (shown as "–").
-        first_step = min(p[0] for by_seed in curves.values() for curve in by_seed.values() for p in curve)
-        fractions = [f for f in args.target_fractions if f * regime.max_train_steps >= first_step]
-        report["regimes"].append(
-            {
-                "name": regime.name,
-                "description": regime.description,
-                "dimension": regime.dimension,
-                "train_batch_size": regime.train_batch_size,
-                "max_train_steps": regime.max_train_steps,
-                "metric": regime.metric,
-                "metric_label": METRIC_LABELS[regime.metric],
-                "metric_info": metric_info,
-                "settings": asdict(regime),
-                "methods": list(args.methods),
-                "anchors": anchors,
-                "curves": {m: {s: run["curve"] for s, run in by_seed.items()} for m, by_seed in runs.items()},
-                "statistics": {m: curve_statistics({s: run["curve"] for s, run in by_seed.items()}) for m, by_seed in runs.items()},
-                "targets": steps_to_target(curves, fractions, regime.max_train_steps),
-                "distance_reduction": {m: float(np.mean([r["distance_reduction"] for r in by_seed.values()])) for m, by_seed in runs.items()},
-                "timing": {
-                    m: {
-                        "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in by_seed.values()])),
-                        "assign_seconds_per_step": float(np.mean([r["assign_seconds_per_step"] for r in by_seed.values()])),
-                    }
-                    for m, by_seed in runs.items()
-                },
+        by_nfe = {}
+        for nfe in regime.nfes:
+            curves = {m: {s: run["curves"][nfe] for s, run in by_seed.items()} for m, by_seed in runs.items()}
+            points = {m: {s: [(p[0], p[1]) for p in curve] for s, curve in by_seed.items()} for m, by_seed in curves.items()}
+            # A target before the first checkpoint cannot be located on the curves: it is left out (shown as "–").
+            first_step = min(p[0] for by_seed in points.values() for curve in by_seed.values() for p in curve)
+            fractions = [f for f in args.target_fractions if f * regime.max_train_steps >= first_step]
+            targets = steps_to_target(points, fractions, regime.max_train_steps)
+            by_nfe[nfe] = {
+                "statistics": {m: curve_statistics(by_seed) for m, by_seed in curves.items()},
+                "targets": targets,
+                "verdicts": nfe_verdicts(curves, targets, regime.max_train_steps),
             }
-        )
-    report["same_batches"] = "yes" if fingerprints_agree else "NO — the runs are not comparable"
-    report["elapsed_minutes"] = (time.perf_counter() - started) / 60
-    all_runs = [run for regime_runs in runs_by_regime for by_seed in regime_runs.values() for run in by_seed.values()]
-    report["reused_runs"] = sum(bool(run.get("reused")) for run in all_runs)
-    report["total_runs"] = len(all_runs)
-    paths = write_report(report, Path(args.output_dir))
-    print(markdown_report(report))
+        regime_report = {
+            "name": regime.name,
+            "recipe": regime.recipe,
+            "description": regime.description,
+            "dimension": regime.dimension,
+            "train_batch_size": regime.train_batch_size,
+            "max_train_steps": regime.max_train_steps,
+            "metric": regime.metric,
+            "metric_label": METRIC_LABELS[regime.metric],
+            "metric_info": metric_info,
+            "settings": asdict(regime),
+            "methods": methods,
+            "nfes": list(regime.nfes),
+            "anchors": anchors,
+            "curves": {m: {s: run["curves"] for s, run in by_seed.items()} for m, by_seed in runs.items()},
+            "by_nfe": by_nfe,
+            "distance_reduction": {m: float(np.mean([r["distance_reduction"] for r in by_seed.values()])) for m, by_seed in runs.items()},
+            "timing": {
+                m: {
+                    "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in by_seed.values()])),
+                    "assign_seconds_per_step": float(np.mean([r["assign_seconds_per_step"] for r in by_seed.values()])),
+                }
+                for m, by_seed in runs.items()
+            },
+        }
+        report["regimes"].append(regime_report)
+        # Written after every regime: a benchmark stopped later still leaves the finished regimes' results.
+        report["complete"] = len(report["regimes"]) == len(regimes)
+        report["same_batches"] = "yes" if fingerprints_agree else "NO — the runs are not comparable"
+        report["elapsed_minutes"] = (time.perf_counter() - started) / 60
+        report["reused_runs"] = sum(bool(run.get("reused")) for run in all_runs)
+        report["total_runs"] = len(all_runs)
+        # Small, stable paths for the docs: verdicts.<regime>.nfe<N>.<method>.{verdict, final_mean, ...}.
+        report["verdicts"] = {
+            r["name"]: {f"nfe{nfe}": r["by_nfe"][nfe]["verdicts"] for nfe in r["nfes"]} for r in report["regimes"]
+        }
+        report["verdict_lines"] = [verdict_line(r, nfe) for r in report["regimes"] for nfe in r["nfes"]]
+        paths = write_report(report, Path(args.output_dir))
+    print(summary_markdown(report))
     print("Wrote " + ", ".join(str(p) for p in paths.values()))
     return report
 

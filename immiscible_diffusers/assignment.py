@@ -19,7 +19,9 @@ import torch.distributed as dist
 from .precision import auto_cost_dtype
 from .solvers import solve_linear_assignment  # public here too, where it always was
 
-METHODS = ("none", "linear", "knn")
+# "shuffle" and "norm_matched" are controls, not methods to train with: "shuffle" is a random re-pairing
+# (vanilla in distribution), "norm_matched" brings the noise as close as "linear" does without re-pairing.
+METHODS = ("none", "linear", "knn", "shuffle", "norm_matched")
 DISTANCES = ("l2", "sqeuclidean")
 SCOPES = ("local", "global")
 COST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -320,6 +322,25 @@ def _knn_assignment(
     return candidates[nearest, torch.arange(batch, device=noise.device)].reshape(noise.shape)
 
 
+def _random_permutation(size: int, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.randperm(size, generator=generator, device=device)
+
+
+def _norm_matched_noise(
+    samples: torch.Tensor, noise: torch.Tensor, distance: str, dtype: torch.dtype, block_size: int | None
+) -> torch.Tensor:
+    """``noise + a * (samples - noise)``: each noise moved toward its own sample, none re-paired.
+
+    Every sample-noise distance shrinks by the factor ``1 - a``; ``a`` is the relative reduction of the
+    mean distance that the linear assignment achieves on this batch, so both controls are equally close.
+    """
+    before = _mean_distance(samples, noise)
+    after = _mean_distance(samples, noise[linear_assignment_permutation(samples, noise, distance, dtype, block_size)])
+    a = 0.0 if before == 0 else 1.0 - after / before
+    return noise + a * (samples.to(noise.dtype) - noise)
+
+
 def _mean_distance(samples: torch.Tensor, noise: torch.Tensor) -> float:
     return float((samples.float() - noise.float()).reshape(samples.shape[0], -1).norm(dim=1).mean())
 
@@ -348,6 +369,9 @@ def assign_noise(
             fresh draws from ``generator``); no batch coupling, works at batch 1, but the result is
             no longer exactly N(0, I): it is slightly shorter and leans toward the sample.
             ``"none"`` — the vanilla pairing: ``noise`` is returned as it is.
+            Controls: ``"shuffle"`` — a random permutation of ``noise`` from ``generator`` (vanilla in
+            distribution); ``"norm_matched"`` — ``noise + a (samples - noise)`` with ``a`` the linear
+            assignment's relative mean-distance reduction on this batch: as close, but not re-paired.
         distance: ``"l2"`` (the paper's) or ``"sqeuclidean"`` (the optimal-transport convention).
         cost_dtype: precision of the cost GEMM: ``"auto"`` (default) picks the fastest that keeps
             >= 99.9% of the optimum's distance reduction on this device (fp16 on CUDA, bf16 on CPUs
@@ -374,6 +398,10 @@ def assign_noise(
             assigned = _global_linear_assignment(samples, noise, distance, dtype, block_size)
         elif method == "linear" and samples.shape[0] > 1:
             assigned = noise[linear_assignment_permutation(samples, noise, distance, dtype, block_size)]
+        elif method == "shuffle":
+            assigned = noise[_random_permutation(noise.shape[0], generator).to(noise.device)]
+        elif method == "norm_matched" and samples.shape[0] > 1:
+            assigned = _norm_matched_noise(samples, noise, distance, dtype, block_size)
         else:
             assigned = noise
     if not return_stats:

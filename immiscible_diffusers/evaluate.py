@@ -1,12 +1,19 @@
 """Evaluate training runs: sample every checkpoint with a fixed seed, score the samples, plot quality vs step.
 
     python -m immiscible_diffusers.evaluate RUN_DIR [RUN_DIR ...] --output_dir eval \\
-        --scheduler ddim --num_inference_steps 50 --num_samples 450
+        --num_inference_steps 1 2 4 8 50 --num_samples 450
 
 A run folder is what a training script of this package writes to its ``--output_dir``: ``checkpoint-<step>/``
 folders holding ``unet/`` (and ``unet_ema/``), the final pipeline (``model_index.json``, ``unet/``,
 ``scheduler/``), ``training_config.json`` and ``train_log.csv``. Every checkpoint is sampled from the same
-starting noise (``--seed``), so differences between checkpoints and between runs are the models'.
+starting noise (``--seed``), so differences between checkpoints and between runs are the models'. With
+several ``--num_inference_steps`` every checkpoint is scored at each (the NFE axis: the number of model
+evaluations per sample, one per step for every sampler here), again from the same starting noise.
+
+Few-step sampling spends every step: DDIM uses ``timestep_spacing="trailing"`` (the first step starts from
+pure noise at t = T-1; diffusers' default "leading" starts 1-step sampling at t = 0), flow-matching Euler
+uses uniform sigmas ``1, (n-1)/n, ..., 1/n`` then 0 (``uniform_sigma_schedule``; the stock spacing ends
+at ``1/N_train`` so 2 steps equal 1), and the consistency sampler uses diffusers' multistep schedule.
 
 Metrics (``--metrics``; by default ``digits_fd`` for runs on the bundled digits and ``fid`` otherwise):
 
@@ -268,11 +275,17 @@ def sample_ddpm(run: RunInfo, model_dir: Path, options: SamplingOptions) -> torc
     return _run_image_pipeline(pipeline, options)
 
 
+# DDIM's spacing for few-step sampling: "trailing" starts at t = T-1 and spends every step; "leading"
+# (diffusers' default) starts 1-step sampling at t = 0, i.e. returns the starting noise almost unchanged.
+DDIM_TIMESTEP_SPACING = "trailing"
+
+
 def sample_ddim(run: RunInfo, model_dir: Path, options: SamplingOptions) -> torch.Tensor:
-    """Deterministic DDIM sampling (eta = 0) with ``DDIMPipeline``: only the starting noise is random."""
+    """Deterministic DDIM sampling (eta = 0, ``DDIM_TIMESTEP_SPACING``): only the starting noise is random."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(_ddpm_family_scheduler_config(run))
+    config = {key: value for key, value in _ddpm_family_scheduler_config(run).items() if key != "_use_default_values"}
+    scheduler = DDIMScheduler.from_config(config, timestep_spacing=DDIM_TIMESTEP_SPACING)
     pipeline = DDIMPipeline(unet=_load_unet(model_dir, options.device), scheduler=scheduler)
     return _run_image_pipeline(pipeline, options, eta=0.0)
 
@@ -281,7 +294,7 @@ register_sampler(
     Sampler("ddpm", sample_ddpm, ("DDPMPipeline", "DDIMPipeline"), "DDPM ancestral sampling"),
 )
 register_sampler(
-    Sampler("ddim", sample_ddim, ("DDPMPipeline", "DDIMPipeline"), "DDIM, eta=0"),
+    Sampler("ddim", sample_ddim, ("DDPMPipeline", "DDIMPipeline"), "DDIM, eta=0, trailing timesteps"),
     default_for=("DDPMPipeline", "DDIMPipeline"),
 )
 
@@ -310,7 +323,10 @@ def sample_flow_euler(run: RunInfo, model_dir: Path, options: SamplingOptions) -
 
 
 register_sampler(
-    Sampler("flow_euler", sample_flow_euler, ("FlowMatchingPipeline",), "Euler ODE (FlowMatchEulerDiscreteScheduler)"),
+    Sampler(
+        "flow_euler", sample_flow_euler, ("FlowMatchingPipeline",),
+        "Euler ODE (FlowMatchEulerDiscreteScheduler), uniform sigmas 1..1/n then 0",
+    ),
     default_for=("FlowMatchingPipeline",),
 )
 
@@ -470,13 +486,36 @@ class EvaluationResults:
     def metrics(self) -> list[str]:
         return list(dict.fromkeys(row["metric"] for row in self.rows))
 
-    def curves(self, metric: str) -> dict[str, list[tuple[int, float]]]:
-        """``{run label: [(step, value), ...]}`` for one metric, steps ascending."""
+    def nfes(self) -> list[int]:
+        """The evaluated numbers of model evaluations per sample, ascending."""
+        return sorted({int(row["nfe"]) for row in self.rows})
+
+    def curves(self, metric: str, nfe: int | None = None) -> dict[str, list[tuple[int, float]]]:
+        """``{run label: [(step, value), ...]}`` for one metric at one NFE, steps ascending.
+
+        ``nfe`` may be left out only when a single NFE was evaluated.
+        """
+        if nfe is None:
+            if len(self.nfes()) > 1:
+                raise ValueError(f"these results hold several NFEs {self.nfes()}: pass nfe=")
+            nfe = self.nfes()[0] if self.rows else None
         curves: dict[str, list[tuple[int, float]]] = {}
         for row in self.rows:
-            if row["metric"] == metric:
+            if row["metric"] == metric and row["nfe"] == nfe:
                 curves.setdefault(row["run"], []).append((row["step"], row["value"]))
         return {label: sorted(points) for label, points in curves.items()}
+
+    def final_by_nfe(self, metric: str) -> dict[str, list[tuple[int, float]]]:
+        """``{run label: [(nfe, value), ...]}``: quality vs NFE at each run's last evaluated checkpoint."""
+        last = {}
+        for row in self.rows:
+            if row["metric"] == metric:
+                last[row["run"]] = max(last.get(row["run"], row["step"]), row["step"])
+        by_run: dict[str, list[tuple[int, float]]] = {}
+        for row in self.rows:
+            if row["metric"] == metric and row["step"] == last[row["run"]]:
+                by_run.setdefault(row["run"], []).append((row["nfe"], row["value"]))
+        return {label: sorted(points) for label, points in by_run.items()}
 
 
 def mean_train_loss(run: RunInfo, step: int, window: int = LOSS_WINDOW) -> float | None:
@@ -510,7 +549,7 @@ def evaluate_runs(
     labels: Sequence[str] | None = None,
     metrics: Sequence[str] | Sequence[Any] | None = None,
     scheduler: str | None = None,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | Sequence[int] = 50,
     num_samples: int = 450,
     seed: int = 0,
     batch_size: int = 256,
@@ -529,8 +568,9 @@ def evaluate_runs(
         labels: names for the runs in tables and plots (default: the folder names).
         metrics: metric names (``"digits_fd"``, ``"fid"``) or metric objects; default: ``default_metric``.
         scheduler: sampler name from ``SAMPLERS`` (default: the one for each run's pipeline class).
-        num_inference_steps, num_samples, seed, batch_size: how to sample; the same ``seed`` gives every
-            checkpoint of every run the same starting noise.
+        num_inference_steps: a step count or several (the NFE sweep): every checkpoint is scored at each.
+        num_samples, seed, batch_size: how to sample; the same ``seed`` gives every checkpoint of every
+            run, at every step count, the same starting noise.
         use_ema: sample a checkpoint's ``unet_ema/`` when it has one.
         include_final: also evaluate the final pipeline's ``unet/`` when no checkpoint has its step.
         steps: evaluate only checkpoints at these steps.
@@ -539,8 +579,11 @@ def evaluate_runs(
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an integer >= 2 (a covariance needs two samples), got {num_samples!r}")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    step_counts = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
+    if not step_counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in step_counts):
+        raise ValueError(f"num_inference_steps must be positive integers, got {num_inference_steps!r}")
+    if len(set(step_counts)) != len(step_counts):
+        raise ValueError(f"num_inference_steps must be distinct, got {step_counts}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not run_dirs:
@@ -571,7 +614,7 @@ def evaluate_runs(
     results = EvaluationResults(
         settings={
             "num_samples": num_samples,
-            "num_inference_steps": num_inference_steps,
+            "num_inference_steps": step_counts,
             "seed": seed,
             "batch_size": batch_size,
             "use_ema": use_ema,
@@ -580,15 +623,16 @@ def evaluate_runs(
         },
         metric_info=[metric.describe() for metric in metric_objects],
     )
-    options = SamplingOptions(num_samples, num_inference_steps, seed, batch_size, device, progress)
     shapes: set[tuple[int, int]] = set()
-    bar = tqdm(plan, desc="evaluating checkpoints", disable=not progress)
-    for run, sampler, checkpoint in bar:
-        bar.set_postfix(run=run.label, step=checkpoint.step)
+    bar = tqdm([(*item, n) for item in plan for n in step_counts], desc="evaluating checkpoints", disable=not progress)
+    for run, sampler, checkpoint, steps_count in bar:
+        bar.set_postfix(run=run.label, step=checkpoint.step, nfe=steps_count)
+        options = SamplingOptions(num_samples, steps_count, seed, batch_size, device, progress)
         images = sampler.sample(run, checkpoint.model_dir, options)
         shapes.add((images.shape[-1], images.shape[1]))
         if save_samples_dir is not None:
-            _save_grid(images[:64], Path(save_samples_dir) / run.label / f"step_{checkpoint.step:06d}.png")
+            suffix = "" if len(step_counts) == 1 else f"_nfe{steps_count}"
+            _save_grid(images[:64], Path(save_samples_dir) / run.label / f"step_{checkpoint.step:06d}{suffix}.png")
         loss = mean_train_loss(run, checkpoint.step)
         for metric in metric_objects:
             results.rows.append(
@@ -601,7 +645,9 @@ def evaluate_runs(
                     "checkpoint": checkpoint.source,
                     "weights": checkpoint.weights,
                     "sampler": sampler.name,
-                    "num_inference_steps": num_inference_steps,
+                    "num_inference_steps": steps_count,
+                    # Model evaluations per sample: one per step for every registered sampler.
+                    "nfe": steps_count,
                     "num_samples": num_samples,
                     "metric": metric.name,
                     "value": metric.score(images),
@@ -635,8 +681,8 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 CSV_COLUMNS = (
-    "run", "run_dir", "assignment", "seed", "step", "checkpoint", "weights", "sampler", "num_inference_steps", "num_samples",
-    "metric", "value", "train_loss",
+    "run", "run_dir", "assignment", "seed", "step", "checkpoint", "weights", "sampler", "num_inference_steps", "nfe",
+    "num_samples", "metric", "value", "train_loss",
 )
 
 
@@ -661,18 +707,30 @@ def _format(value: float | None, digits: int = 2) -> str:
 
 
 def results_markdown(results: EvaluationResults) -> str:
-    """One table per metric: a row per evaluated step, a column per run, then the anchors."""
+    """Per metric: a table per NFE (a row per evaluated step, a column per run), quality vs NFE at the
+    last checkpoint when several NFEs were evaluated, then the anchors."""
     lines = []
+    nfes = results.nfes()
     for metric in results.metrics():
-        curves = results.curves(metric)
-        labels = list(curves)
-        all_steps = sorted({step for points in curves.values() for step, _ in points})
         lines += [f"### {METRIC_LABELS.get(metric, metric)} (lower is better)", ""]
-        lines.append("| step | " + " | ".join(labels) + " |")
-        lines.append("|---:|" + "---:|" * len(labels))
-        for step in all_steps:
-            cells = [_format(dict(curves[label]).get(step)) for label in labels]
-            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        if len(nfes) > 1:
+            final = results.final_by_nfe(metric)
+            labels = list(final)
+            lines += ["Quality vs NFE (model evaluations per sample) at each run's last checkpoint:", ""]
+            lines.append("| NFE | " + " | ".join(labels) + " |")
+            lines.append("|---:|" + "---:|" * len(labels))
+            for nfe in nfes:
+                lines.append(f"| {nfe} | " + " | ".join(_format(dict(final[label]).get(nfe)) for label in labels) + " |")
+            lines.append("")
+        lines.append("| step | NFE | " + " | ".join(dict.fromkeys(row["run"] for row in results.rows)) + " |")
+        labels = list(dict.fromkeys(row["run"] for row in results.rows))
+        lines.append("|---:|---:|" + "---:|" * len(labels))
+        for nfe in nfes:
+            curves = results.curves(metric, nfe)
+            all_steps = sorted({step for points in curves.values() for step, _ in points})
+            for step in all_steps:
+                cells = [_format(dict(curves.get(label, [])).get(step)) for label in labels]
+                lines.append(f"| {step} | {nfe} | " + " | ".join(cells) + " |")
         anchors = [a for a in results.anchors if a["metric"] == metric]
         if anchors:
             lines.append("")
@@ -686,8 +744,10 @@ def results_markdown(results: EvaluationResults) -> str:
             )
         lines.append("")
     settings = results.settings
+    step_counts = settings.get("num_inference_steps")
+    step_counts = ", ".join(map(str, step_counts)) if isinstance(step_counts, (list, tuple)) else step_counts
     lines.append(
-        f"Sampler: {settings.get('scheduler') or 'default'} with {settings.get('num_inference_steps')} steps, "
+        f"Sampler: {settings.get('scheduler') or 'default'} with {step_counts} steps, "
         f"{settings.get('num_samples')} samples per checkpoint, seed {settings.get('seed')}"
         f"{', EMA weights where saved' if settings.get('use_ema') else ''}."
     )
@@ -704,7 +764,8 @@ def results_markdown(results: EvaluationResults) -> str:
 def plot_quality_curves(
     results: EvaluationResults, path: str | os.PathLike, title: str | None = None, log_scale: bool = True
 ) -> Path:
-    """Quality vs training step, one line per run and one panel per metric, anchors as dashed lines."""
+    """Per metric: quality vs training step (a line per run and NFE) and, with several NFEs, quality vs NFE
+    at each run's last checkpoint; anchors as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -713,23 +774,47 @@ def plot_quality_curves(
     metrics = results.metrics()
     if not metrics:
         raise ValueError("results hold no scores to plot")
-    figure, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
-    for axis, metric in zip(axes[0], metrics):
-        for label, points in results.curves(metric).items():
-            steps, values = zip(*points)
-            axis.plot(steps, values, marker="o", markersize=3, label=label)
+    nfes = results.nfes()
+    columns = 2 if len(nfes) > 1 else 1
+    figure, axes = plt.subplots(len(metrics), columns, figsize=(6.5 * columns, 4.5 * len(metrics)), squeeze=False)
+    labels = list(dict.fromkeys(row["run"] for row in results.rows))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1))]
+    for row_axes, metric in zip(axes, metrics):
+        axis = row_axes[0]
+        for index, nfe in enumerate(nfes):
+            for label, points in results.curves(metric, nfe).items():
+                steps, values = zip(*points)
+                axis.plot(
+                    steps, values, marker="o", markersize=3, color=colors[label], linestyle=styles[index % len(styles)],
+                    label=label if len(nfes) == 1 else f"{label}, NFE {nfe}",
+                )
+        if columns == 2:
+            nfe_axis = row_axes[1]
+            for label, points in results.final_by_nfe(metric).items():
+                counts, values = zip(*points)
+                nfe_axis.plot(counts, values, marker="o", markersize=4, color=colors[label], label=label)
+            nfe_axis.set_xscale("log", base=2)
+            nfe_axis.set_xticks(nfes, [str(n) for n in nfes])
+            nfe_axis.set_xlabel("NFE (model evaluations per sample)")
+            nfe_axis.set_title("quality vs NFE at the last checkpoint", fontsize=9)
         for anchor in (a for a in results.anchors if a["metric"] == metric):
             style = {"floor": ("tab:green", "--"), "ceiling": ("tab:red", ":")}.get(anchor["anchor"], ("gray", "-."))
             axis.axhline(
                 anchor["value"], color=style[0], linestyle=style[1], linewidth=1,
                 label=f"{anchor['anchor']} ({anchor['resolution']}px): {anchor['value']:.1f}",
             )
+            if columns == 2:
+                row_axes[1].axhline(anchor["value"], color=style[0], linestyle=style[1], linewidth=1)
         axis.set_xlabel("training step")
-        axis.set_ylabel(METRIC_LABELS.get(metric, metric) + " ↓")
-        if log_scale:
-            axis.set_yscale("log")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        if columns == 2:
+            axis.set_title("quality vs training step, per NFE", fontsize=9)
+        for panel in row_axes:
+            panel.set_ylabel(METRIC_LABELS.get(metric, metric) + " ↓")
+            if log_scale:
+                panel.set_yscale("log")
+            panel.grid(alpha=0.3)
+            panel.legend(fontsize=7)
     figure.suptitle(title or "Sample quality vs training step")
     figure.tight_layout()
     path = Path(path)
@@ -774,6 +859,8 @@ def add_metrics_to_model_cards(results: EvaluationResults, run_dirs: Sequence[st
         if not rows or not card_path.is_file():
             continue
         last_step = max(row["step"] for row in rows)
+        # The headline score is the one with the most sampling steps; every NFE's score is kept in by_nfe.
+        rows = sorted((row for row in rows if row["step"] == last_step), key=lambda row: row["nfe"])
         metrics = {
             row["metric"]: {
                 "value": round(float(row["value"]), 4),
@@ -781,9 +868,9 @@ def add_metrics_to_model_cards(results: EvaluationResults, run_dirs: Sequence[st
                 "sampler": row["sampler"],
                 "num_inference_steps": row["num_inference_steps"],
                 "num_samples": row["num_samples"],
+                "by_nfe": {int(r["nfe"]): round(float(r["value"]), 4) for r in rows if r["metric"] == row["metric"]},
             }
             for row in rows
-            if row["step"] == last_step
         }
         record_scores_in_card(card_path, metrics, METRIC_LABELS)
 
@@ -809,7 +896,10 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         "--scheduler", choices=sorted(SAMPLERS), default=None,
         help="Sampler (default: the one registered for each run's pipeline class: ddim for DDPM runs).",
     )
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps per sample.")
+    parser.add_argument(
+        "--num_inference_steps", type=int, nargs="+", default=[50],
+        help="Denoising steps per sample; several (e.g. 1 2 4 8 50) score every checkpoint at each (the NFE axis).",
+    )
     parser.add_argument(
         "--num_samples", type=int, default=450,
         help="Images per checkpoint (450 = the digits floor set's size, so the floor is comparable; use >= 10000 for FID).",
@@ -845,7 +935,10 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         "--update_model_cards", action="store_true",
         help="Write each run's final scores into its model card (immiscible_diffusers: metrics:).",
     )
-    return parser.parse_args(input_args)
+    args = parser.parse_args(input_args)
+    if any(n < 1 for n in args.num_inference_steps) or len(set(args.num_inference_steps)) != len(args.num_inference_steps):
+        parser.error(f"--num_inference_steps must be distinct positive integers, got {args.num_inference_steps}")
+    return args
 
 
 def main(input_args: Sequence[str] | None = None) -> EvaluationResults:

@@ -20,6 +20,20 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImageP
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def uniform_sigma_schedule(scheduler, num_inference_steps: int) -> dict:
+    """``set_timesteps`` arguments that spend every step: sigmas ``1, (n-1)/n, ..., 1/n`` (then 0).
+
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)`` alone spaces sigmas from 1 down to
+    ``1 / num_train_timesteps`` before the final 0, so with ``n = 2`` the second step integrates from
+    0.001 to 0 and 2-step samples equal 1-step ones. Uniform sigmas ending at ``1 / n`` make each of the
+    ``n`` Euler steps cover ``1 / n`` of the path (the scheduler's ``shift`` still applies). A scheduler
+    whose ``set_timesteps`` takes no ``sigmas`` keeps its own spacing.
+    """
+    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        return {"num_inference_steps": num_inference_steps}
+    return {"sigmas": [1.0 - i / num_inference_steps for i in range(num_inference_steps)]}
+
+
 class FlowMatchingPipeline(DiffusionPipeline):
     """Sample a rectified-flow UNet by integrating its velocity from noise (sigma = 1) to data (sigma = 0).
 
@@ -51,6 +65,7 @@ class FlowMatchingPipeline(DiffusionPipeline):
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
@@ -59,7 +74,10 @@ class FlowMatchingPipeline(DiffusionPipeline):
         Args:
             batch_size: number of images.
             generator: makes the starting noise (and a stochastic scheduler's draws) reproducible.
-            num_inference_steps: model evaluations (one per Euler step with the default scheduler).
+            num_inference_steps: model evaluations (one per Euler step with the default scheduler); the
+                sigmas are spaced uniformly from 1 to ``1 / num_inference_steps`` (``uniform_sigma_schedule``).
+            sigmas: the scheduler's sigmas instead (descending, without the final 0); overrides
+                ``num_inference_steps``. ``numpy.linspace(1, 1 / 1000, n)`` is diffusers' own spacing.
             output_type: ``"pil"`` (a list of PIL images), ``"np"`` (an ``(N, H, W, C)`` array) or
                 ``"pt"`` (an ``(N, C, H, W)`` tensor); values in ``[0, 1]``.
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
@@ -75,7 +93,10 @@ class FlowMatchingPipeline(DiffusionPipeline):
         device = self._execution_device
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+        else:
+            self.scheduler.set_timesteps(**uniform_sigma_schedule(self.scheduler, num_inference_steps), device=device)
         # Stochastic flow-matching schedulers draw from `generator`; the others take no such argument.
         accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if accepts_generator else {}

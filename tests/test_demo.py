@@ -1,36 +1,86 @@
-"""The main job (training_scripts/demo.py), shrunk to a few steps: both model cards end with evaluation results."""
+"""training_scripts/demo.py (the main job): its command lines, its summary, and a tiny end-to-end run."""
 
+from __future__ import annotations
+
+import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from immiscible_diffusers.evaluate import EvaluationResults
+
+SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "demo.py"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    spec = importlib.util.spec_from_file_location("main_job_demo", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_both_runs_differ_only_in_the_assignment(demo, tmp_path):
+    for recipe, script in (("flow", "train_flow_matching.py"), ("ddpm", "train_unconditional.py")):
+        args = demo.parse_args(["--recipe", recipe, "--nfes", "20", "1", "4"])
+        assert args.nfes == [1, 4, 20]
+        vanilla = demo.training_command(args, tmp_path / "run", "none")
+        immiscible = demo.training_command(args, tmp_path / "run", "linear")
+        assert vanilla[1].endswith(script)
+        differing = [(a, b) for a, b in zip(vanilla, immiscible) if a != b]
+        assert differing == [("none", "linear")] and len(vanilla) == len(immiscible)
+        # The training script's own grids use the many-step sampler.
+        assert "20" in vanilla[vanilla.index("--num_inference_steps" if recipe == "flow" else "--ddpm_num_inference_steps") + 1]
+
+
+@pytest.mark.parametrize("bad", [["--nfes", "0"], ["--nfes", "2", "2"], ["--num_eval_samples", "1"], ["--recipe", "cm"]])
+def test_bad_options_exit_with_code_2(demo, bad, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        demo.parse_args(bad)
+    assert excinfo.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_summary_compares_the_runs_at_every_nfe(demo):
+    results = EvaluationResults()
+    for run, values in (("vanilla", {1: 100.0, 20: 10.0}), ("immiscible", {1: 80.0, 20: 10.2})):
+        for step in (10, 20):
+            for nfe, value in values.items():
+                results.rows.append({"run": run, "step": step, "nfe": nfe, "metric": "digits_fd", "value": value + (20 - step)})
+    quality = demo.quality_by_nfe(results, ["vanilla", "immiscible"])
+    assert quality["final_step"] == 20
+    assert quality["by_nfe"][1]["immiscible_is"] == "better" and quality["by_nfe"][1]["relative_change"] == pytest.approx(-0.2)
+    assert quality["by_nfe"][20]["immiscible_is"] == "about the same"
+    summary = {
+        "provenance": {"command": "python training_scripts/demo.py", "git_commit": "abc", "code_version": "0123", "machine": "m", "date": "d"},
+        "recipe": "flow", "resolution": 8, "max_train_steps": 20, "train_batch_size": 64, "seed": 0, "same_batches": True,
+        "same_noise_and_timesteps": True, "quality": quality, "num_eval_samples": 450, "wall_seconds": 60.0,
+    }
+    markdown = demo.summary_markdown(summary)
+    assert "code version `0123`" in markdown and "| 1 | 100.00 | 80.00 | -20.0% | better |" in markdown
 
 
 @pytest.mark.slow
-def test_a_tiny_main_job_writes_scores_into_both_model_cards(tmp_path):
-    output_dir = tmp_path / "demo"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(
-        [sys.executable, str(REPO / "training_scripts" / "demo.py"), "--output_dir", str(output_dir),
-         "--max_train_steps", "4", "--num_checkpoints", "2", "--train_batch_size", "16", "--num_eval_samples", "16"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((output_dir / "summary.json").read_text())
+def test_a_tiny_main_job_writes_its_summary_with_provenance(demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    summary = demo.main([
+        "--output_dir", str(out), "--max_train_steps", "4", "--num_checkpoints", "2", "--num_eval_samples", "16",
+        "--nfes", "1", "2", "--unet_block_out_channels", "8,16", "--results_dir", str(tmp_path / "results"), "--sequential",
+    ])
     assert summary["same_batches"] and summary["same_noise_and_timesteps"]
+    assert set(summary["quality"]["by_nfe"]) == {1, 2}
+    saved = json.loads((tmp_path / "results" / "main_job.json").read_text())
+    assert saved["provenance"]["code_version"] and saved["recipe"] == "flow"
+    assert "| NFE (sampling steps) |" in (tmp_path / "results" / "main_job.md").read_text()
+    assert (out / "samples.png").stat().st_size > 5_000 and (out / "evaluation" / "quality.png").is_file()
     for name in ("vanilla", "immiscible"):
-        card = ModelCard.load(output_dir / name / "README.md")
+        card = ModelCard.load(out / name / "README.md")
         # The Hub shows evaluation results from model-index only: the main job's scores are there.
-        (score,) = card.data.eval_results
-        assert score.metric_type == "digits_fd" and score.metric_args["step"] == 4
-        assert score.metric_value == card.data.immiscible_diffusers["metrics"]["digits_fd"]["value"]
-        # The sample grid a person reads: 16x16 digits shown at 48 px with gaps between them.
-        grid = Image.open(sorted((output_dir / name / "samples").glob("step_*.png"))[-1])
-        assert grid.size == (8 * 50 + 2, 8 * 50 + 2)
+        assert card.data.eval_results, name
+        assert all(result.metric_type == "digits_fd" for result in card.data.eval_results)

@@ -314,7 +314,7 @@ def test_evaluate_runs_writes_csv_markdown_plot_and_card_metrics(tmp_path, digit
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 and rows[0]["metric"] == "digits_fd"
     markdown = paths["markdown"].read_text()
-    assert "| step | first | second |" in markdown and "floor" in markdown and "0.98" in markdown
+    assert "| step | NFE | first | second |" in markdown and "floor" in markdown and "0.98" in markdown
     assert paths["plot"].stat().st_size > 10_000
 
     evaluate.add_metrics_to_model_cards(results, [first, second])
@@ -357,3 +357,118 @@ def test_command_line_evaluates_a_run(tmp_path, digits_space, monkeypatch, capsy
     summary = json.loads((out / "evaluation.json").read_text())
     assert [row["step"] for row in summary["rows"]] == [20]
     assert summary["metrics"][0]["classifier_test_accuracy"] == digits_space.test_accuracy
+
+
+# --------------------------------------------------------------------------------------------------
+# The NFE axis: several step counts per checkpoint, and few-step samplers that spend every step
+# --------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_runs_scores_every_checkpoint_at_every_nfe(tmp_path, digits_space):
+    from immiscible_diffusers.model_card import read_card_metadata, write_model_card
+
+    run = make_run(tmp_path)
+    metadata = {key: 1 for key in ("knn_k", "train_batch_size", "resolution", "global_step", "seed")}
+    metadata |= {"script": "train_unconditional.py", "assignment": "linear", "assignment_distance": "l2",
+                 "assignment_dtype": "float32", "assignment_scope": "local", "prediction_type": "epsilon",
+                 "dataset": "sklearn-digits"}
+    write_model_card(run, title="t", metadata=metadata, pipeline_tag="unconditional-image-generation", usage_code="x")
+    metric = DigitsFrechetMetric(digits_space)
+    results = evaluate_runs([run], metrics=[metric], num_samples=24, num_inference_steps=[1, 2, 4], batch_size=16, progress=False)
+    assert sorted((r["step"], r["nfe"]) for r in results.rows) == [(s, n) for s in (10, 20, 30) for n in (1, 2, 4)]
+    assert results.nfes() == [1, 2, 4]
+    by_key = {(r["step"], r["nfe"]): r["value"] for r in results.rows}
+    assert len({by_key[(30, n)] for n in (1, 2, 4)}) == 3  # each step count gives other samples
+    # Every NFE starts from the same noise: a single-NFE evaluation reproduces the sweep's score.
+    single = evaluate_runs([run], metrics=[metric], num_samples=24, num_inference_steps=2, batch_size=16, steps=[20], progress=False)
+    assert single.rows[0]["value"] == by_key[(20, 2)]
+    with pytest.raises(ValueError, match="several NFEs"):
+        results.curves("digits_fd")
+    assert results.curves("digits_fd", 4)["run"] == [(s, by_key[(s, 4)]) for s in (10, 20, 30)]
+    assert results.final_by_nfe("digits_fd")["run"] == [(n, by_key[(30, n)]) for n in (1, 2, 4)]
+
+    paths = write_results(results, tmp_path / "eval")
+    with open(paths["csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 9 and {row["nfe"] for row in rows} == {"1", "2", "4"}
+    markdown = paths["markdown"].read_text()
+    assert "Quality vs NFE" in markdown and "| step | NFE | run |" in markdown and "| 30 | 4 |" in markdown
+    assert paths["plot"].stat().st_size > 10_000
+    evaluate.add_metrics_to_model_cards(results, [run])
+    card = read_card_metadata(run)["immiscible_diffusers"]["metrics"]["digits_fd"]
+    assert card["num_inference_steps"] == 4 and card["value"] == pytest.approx(by_key[(30, 4)], abs=1e-4)
+    assert card["by_nfe"] == {n: pytest.approx(by_key[(30, n)], abs=1e-4) for n in (1, 2, 4)}
+    with pytest.raises(ValueError, match="must be distinct"):
+        evaluate_runs([run], metrics=[metric], num_inference_steps=[2, 2], progress=False)
+
+
+def test_command_line_takes_several_step_counts_and_rejects_bad_ones(tmp_path, digits_space, monkeypatch, capsys):
+    monkeypatch.setenv("IMMISCIBLE_CACHE", str(digits_space.cache_path.parent))
+    run = make_run(tmp_path)
+    out = tmp_path / "eval"
+    evaluate.main([str(run), "--output_dir", str(out), "--num_samples", "16", "--num_inference_steps", "1", "2", "--steps", "20"])
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert [(row["step"], row["nfe"]) for row in summary["rows"]] == [(20, 1), (20, 2)]
+    for bad in (["0", "2"], ["2", "2"]):
+        with pytest.raises(SystemExit) as excinfo:
+            evaluate.parse_args([str(run), "--output_dir", str(out), "--num_inference_steps", *bad])
+        assert excinfo.value.code == 2
+    assert "--num_inference_steps must be distinct positive integers" in capsys.readouterr().err
+
+
+def test_ddim_sampler_starts_from_the_last_training_timestep(tmp_path):
+    """trailing spacing: 1-step DDIM is the x0 prediction at t = T-1 (diffusers' default "leading" uses t = 0)."""
+    run = read_run(make_run(tmp_path))
+    unet = UNet2DModel.from_pretrained(run.run_dir / "checkpoint-10" / "unet").eval()
+    images = evaluate.sample_ddim(run, run.run_dir / "checkpoint-10" / "unet", SamplingOptions(4, 1, seed=5, progress=False))
+    noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(5))
+    alpha_bar = DDPMScheduler(num_train_timesteps=100).alphas_cumprod[99]
+    with torch.no_grad():
+        epsilon = unet(noise, torch.full((4,), 99)).sample
+    expected = ((noise - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()).clamp(-1, 1)
+    torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
+    previous = None
+    for n in (1, 2, 3, 4):
+        current = evaluate.sample_ddim(run, run.run_dir / "checkpoint-10" / "unet", SamplingOptions(4, n, seed=5, progress=False))
+        if previous is not None:
+            assert (current - previous).abs().max() > 0.05, f"{n} steps give the samples of {n - 1}"
+        previous = current
+
+
+def test_flow_pipeline_spends_every_step():
+    """Uniform sigmas: 2-step samples differ from 1-step ones (the stock spacing's 2nd step covers sigma 0.001 -> 0)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from immiscible_diffusers.pipeline_flow_matching import FlowMatchingPipeline, uniform_sigma_schedule
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    assert uniform_sigma_schedule(scheduler, 4) == {"sigmas": [1.0, 0.75, 0.5, 0.25]}
+    pipeline = FlowMatchingPipeline(unet=tiny_unet(0), scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    samples = {
+        n: pipeline(batch_size=4, num_inference_steps=n, output_type="pt", generator=torch.Generator().manual_seed(1)).images
+        for n in (1, 2, 3, 4)
+    }
+    assert scheduler.sigmas.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    for n in (2, 3, 4):
+        assert (samples[n] - samples[n - 1]).abs().max() > 0.01, f"{n} steps give the samples of {n - 1}"
+    # The control: the stock spacing (sigmas 1, 0.001, 0) gives 2-step samples within 0.01 of 1-step ones.
+    stock = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    stock.set_timesteps(2)
+    noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        one = noise - pipeline.unet(noise, torch.full((4,), 1000.0)).sample
+        two = one + (0.0 - stock.sigmas[1]) * pipeline.unet(one, stock.timesteps[1].expand(4)).sample
+    assert (two - one).abs().max() < 0.01
+
+
+def test_consistency_sampler_spends_every_step(tmp_path):
+    from diffusers import CMStochasticIterativeScheduler
+
+    CMStochasticIterativeScheduler(num_train_timesteps=41).save_pretrained(tmp_path / "scheduler")
+    tiny_unet(0).save_pretrained(tmp_path / "unet")
+    run = RunInfo(tmp_path, "cm", "ConsistencyModelPipeline", {}, {})
+    sample = evaluate.SAMPLERS["consistency"].sample
+    samples = {n: sample(run, tmp_path / "unet", SamplingOptions(4, n, seed=2, progress=False)) for n in (1, 2, 3, 4)}
+    for n in (2, 3, 4):
+        assert (samples[n] - samples[n - 1]).abs().max() > 0.05, f"{n} steps give the samples of {n - 1}"

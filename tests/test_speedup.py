@@ -96,9 +96,44 @@ def test_bad_options_are_rejected(speedup, tmp_path):
         speedup.parse_args(["--output_dir", str(tmp_path), "--methods", "linear", "knn"])
     with pytest.raises(SystemExit):
         speedup.parse_args(["--output_dir", str(tmp_path), "--target_fractions", "1.5"])
+    with pytest.raises(SystemExit):
+        speedup.parse_args(["--output_dir", str(tmp_path), "--nfes", "0", "2"])
+    with pytest.raises(SystemExit):
+        speedup.parse_args(["--output_dir", str(tmp_path), "--regimes", "toy2d", "--controls_in", "digits8"])
     args = speedup.parse_args(["--output_dir", str(tmp_path), "--regimes", "digits8", "--max_train_steps", "250", "--checkpointing_steps", "100"])
     with pytest.raises(ValueError, match="multiple of --checkpointing_steps"):
         speedup.selected_regimes(args)
+
+
+def test_every_recipe_has_digits_regimes_and_an_nfe_axis(speedup, tmp_path):
+    args = speedup.parse_args(["--output_dir", str(tmp_path)])
+    regimes = {r.name: r for r in speedup.selected_regimes(args)}
+    assert {r.recipe for r in regimes.values() if r.name.startswith("digits8")} == set(speedup.RECIPES)
+    for regime in regimes.values():
+        assert regime.nfes[:4] == (1, 2, 4, 8) and regime.nfes[-1] > 8
+    # The controls run where the assignment shortens distances most (the toys), not elsewhere by default.
+    assert args.controls_in == ["toy2d", "toy2d_flow"]
+    assert speedup.regime_methods(regimes["toy2d_flow"], args) == ["none", "linear", "knn", "shuffle", "norm_matched"]
+    assert speedup.regime_methods(regimes["digits8_cm"], args) == ["none", "linear", "knn"]
+    flags = speedup.training_arguments(regimes["digits8_flow"], "linear", 0, 4, tmp_path)
+    assert "--eval_scheduler" not in flags and regimes["digits8_flow"].train_script == "train_flow_matching.py"
+
+
+def test_final_quality_comparison_needs_a_difference_beyond_the_noise(speedup):
+    assert speedup.compare_final([10.0, 10.2, 9.8], [5.0, 5.1, 4.9]) == "better"
+    assert speedup.compare_final([10.0, 10.2, 9.8], [15.0, 15.1, 14.9]) == "worse"
+    assert speedup.compare_final([10.0, 14.0, 6.0], [9.0, 13.0, 5.0]) == "same"  # within the seed spread
+    assert speedup.compare_final([10.0, 10.01, 9.99], [9.8, 9.81, 9.79]) == "same"  # significant but under 5%
+
+
+@pytest.mark.parametrize("recipe", ["ddpm", "flow"])
+def test_toy_samplers_spend_every_step(speedup, recipe):
+    torch.manual_seed(0)
+    model = speedup.ToyDenoiser()
+    samples = {n: speedup.sample_toy(model, recipe, 64, n, seed=3) for n in (1, 2, 3)}
+    assert not torch.allclose(samples[1], samples[2], atol=1e-4)
+    assert not torch.allclose(samples[2], samples[3], atol=1e-4)
+    torch.testing.assert_close(samples[2], speedup.sample_toy(model, recipe, 64, 2, seed=3))
 
 
 @pytest.mark.slow
@@ -108,29 +143,42 @@ def test_quick_mode_runs_end_to_end_on_a_tiny_configuration(speedup, tmp_path, m
     args = [
         "--quick", "--output_dir", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"),
         "--regimes", "toy2d", "digits8", "--seeds", "0", "1", "--max_train_steps", "20", "--checkpointing_steps", "10",
-        "--num_samples", "48", "--num_inference_steps", "3", "--unet_block_out_channels", "8,16", "--no_progress",
+        "--num_samples", "48", "--nfes", "1", "3", "--unet_block_out_channels", "8,16", "--no_progress",
     ]
     try:
         report = speedup.main(args)
     finally:
         torch.set_num_threads(threads)
     out = tmp_path / "out"
-    for name in ("speedup.csv", "speedup_summary.csv", "speedup.md", "speedup.png", "speedup.json"):
+    for name in ("speedup.csv", "speedup_summary.csv", "speedup.md", "speedup_summary.md", "speedup.png", "speedup.json"):
         assert (out / name).is_file(), name
     with open(out / "speedup.csv", newline="") as handle:
         points = list(csv.DictReader(handle))
-    # 2 regimes x 3 methods x 2 seeds x 2 checkpoints
-    assert len(points) == 24
-    assert {(p["regime"], p["method"]) for p in points} == {(r, m) for r in ("toy2d", "digits8") for m in ("vanilla", "linear", "knn")}
+    # toy2d: 5 methods (with the controls), digits8: 3; x 2 seeds x 2 checkpoints x 2 NFEs
+    assert len(points) == (5 + 3) * 2 * 2 * 2
+    assert {p["nfe"] for p in points} == {"1", "3"}
+    assert {(p["regime"], p["method"]) for p in points} == {
+        *(("toy2d", m) for m in ("vanilla", "linear", "knn", "shuffle", "norm-matched")),
+        *(("digits8", m) for m in ("vanilla", "linear", "knn")),
+    }
     assert report["same_batches"] == "yes"
+    toy = next(r for r in report["regimes"] if r["name"] == "toy2d")
+    # The shuffle control re-pairs at random (no shorter on average); norm_matched is exactly as close as linear.
+    assert abs(toy["distance_reduction"]["shuffle"]) < 0.05
+    assert toy["distance_reduction"]["norm_matched"] == pytest.approx(toy["distance_reduction"]["linear"], abs=1e-4)
     digits = next(r for r in report["regimes"] if r["name"] == "digits8")
     assert digits["distance_reduction"]["none"] == 0.0
     assert 0.0 < digits["distance_reduction"]["knn"] < 0.5 and 0.0 < digits["distance_reduction"]["linear"] < 0.5
     assert digits["anchors"]["floor"] < digits["anchors"]["ceiling"]
     markdown = (out / "speedup.md").read_text()
-    assert "| digits8 | 64 | 64 | linear |" in markdown and "Same batches across methods: yes" in markdown
+    assert "| digits8 | DDPM (DDIM sampling) | 64 | 3 | linear |" in markdown and "Same batches across methods: yes" in markdown
     summary = json.loads((out / "speedup.json").read_text())
-    assert summary["regimes"][0]["targets"][0]["ratio"]  # serialised as text ("1.00", ">1.20", ...)
+    assert summary["regimes"][0]["by_nfe"]["1"]["targets"][0]["ratio"]  # serialised as text ("1.00", ">1.20", ...)
+    assert summary["provenance"]["code_version"] and "benchmarks/speedup.py" in summary["provenance"]["command"]
+    assert summary["verdicts"]["digits8"]["nfe3"]["linear"]["verdict"] in ("helps", "hurts", "no clear difference")
+    assert len(summary["verdict_lines"]) == 4
+    assert "code version" in (out / "speedup_summary.md").read_text()
+    assert json.loads((out / "speedup.csv.json").read_text())["provenance"] == summary["provenance"]
 
     # Run again: finished runs and their evaluations are reused, nothing is retrained.
     run_records = sorted((tmp_path / "runs").glob("digits8/*/speedup_run.json"))
@@ -142,28 +190,33 @@ def test_quick_mode_runs_end_to_end_on_a_tiny_configuration(speedup, tmp_path, m
         torch.set_num_threads(threads)
     assert {p: p.stat().st_mtime_ns for p in run_records} == before
     assert again["regimes"][1]["curves"] == report["regimes"][1]["curves"]
-    assert report["reused_runs"] == 0 and again["reused_runs"] == again["total_runs"] == 12
+    assert report["reused_runs"] == 0 and again["reused_runs"] == again["total_runs"] == 16
     assert again["regimes"][0]["curves"] == report["regimes"][0]["curves"]
-    assert "reused 12 of 12 runs" in (out / "speedup.md").read_text()
+    assert "reused 16 of 16 runs" in (out / "speedup.md").read_text()
+
+    # Other code: nothing is reused (runs are keyed on the code version, not only on the arguments).
+    monkeypatch.setattr(speedup, "code_version", lambda: "0123456789abcdef")
+    try:
+        third = speedup.main([*args, "--regimes", "toy2d", "--seeds", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    assert third["reused_runs"] == 0
 
 
 @pytest.mark.slow
 def test_consistency_and_flow_regimes_run_end_to_end(speedup, tmp_path, monkeypatch):
-    """digits16_cm (1- and 2-step sampling of the same consistency runs) and digits16_flow, tiny."""
+    """digits8_cm and digits8_flow, tiny, scored at two NFEs."""
     monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "cache"))
     threads = torch.get_num_threads()
     args = [
         "--quick", "--output_dir", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"),
-        "--regimes", "digits16_cm", "digits16_flow", "--methods", "none", "linear", "--seeds", "0",
+        "--regimes", "digits8_cm", "digits8_flow", "--methods", "none", "linear", "--seeds", "0",
         "--max_train_steps", "4", "--checkpointing_steps", "2", "--train_batch_size", "16",
-        "--num_samples", "16", "--num_inference_steps", "2", "--unet_block_out_channels", "8,16", "--no_progress",
+        "--num_samples", "16", "--nfes", "1", "2", "--unet_block_out_channels", "8,16", "--no_progress",
     ]
-    parsed = speedup.parse_args(args)
-    assert parsed.regimes == ["digits16_cm1", "digits16_cm2", "digits16_flow"]
-    regimes = {r.name: r for r in speedup.selected_regimes(parsed)}
-    assert regimes["digits16_cm1"].num_inference_steps == 1 and regimes["digits16_cm2"].num_inference_steps == 2
-    assert regimes["digits16_flow"].sampler == "flow_euler"
-    for name, script in (("digits16_cm1", "train_consistency.py"), ("digits16_flow", "train_flow_matching.py")):
+    regimes = {r.name: r for r in speedup.selected_regimes(speedup.parse_args(args))}
+    assert regimes["digits8_flow"].sampler == "flow_euler" and regimes["digits8_cm"].sampler == "consistency"
+    for name, script in (("digits8_cm", "train_consistency.py"), ("digits8_flow", "train_flow_matching.py")):
         flags = speedup.training_arguments(regimes[name], "none", 0, 4, tmp_path / "x")
         assert "--eval_scheduler" not in flags and "--ddpm_num_inference_steps" not in flags
         assert regimes[name].train_script == script
@@ -173,15 +226,37 @@ def test_consistency_and_flow_regimes_run_end_to_end(speedup, tmp_path, monkeypa
         torch.set_num_threads(threads)
     with open(tmp_path / "out" / "speedup.csv", newline="") as handle:
         points = list(csv.DictReader(handle))
-    # 3 regimes x 2 methods x 1 seed x 2 checkpoints
     assert {(p["regime"], p["method"]) for p in points} == {
-        (r, m) for r in ("digits16_cm1", "digits16_cm2", "digits16_flow") for m in ("vanilla", "linear")
+        (r, m) for r in ("digits8_cm", "digits8_flow") for m in ("vanilla", "linear")
     }
-    assert len(points) == 12 and all(p["value"] not in ("", "nan") for p in points)
-    # 1- and 2-step sampling evaluate the same consistency runs: trained once, each cached separately.
-    run_dirs = sorted((tmp_path / "runs" / "digits16_cm").iterdir())
-    assert len(run_dirs) == 2 and not (tmp_path / "runs" / "digits16_cm1").exists()
-    for run_dir in run_dirs:
-        assert (run_dir / "speedup_eval-digits16_cm1.json").is_file() and (run_dir / "speedup_eval-digits16_cm2.json").is_file()
-    assert report["reused_runs"] == 2  # digits16_cm2 found digits16_cm1's finished runs
+    # 2 regimes x 2 methods x 1 seed x 2 checkpoints x 2 NFEs
+    assert len(points) == 16 and all(p["value"] not in ("", "nan") for p in points)
+    for regime in report["regimes"]:  # the 1- and 2-step samples differ
+        curves = regime["curves"]["none"][0]
+        assert curves[1] != curves[2]
     assert report["same_batches"] == "yes"
+
+
+@pytest.mark.slow
+def test_sampler_spacings_benchmark_shows_the_stock_flow_spacing_wastes_the_second_step(tmp_path, monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("speedup_samplers", SCRIPT.with_name("speedup_samplers.py"))
+    samplers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(samplers)
+    run = tmp_path / "digits8_flow" / "vanilla-seed0"
+    torch.manual_seed(0)
+    UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    ).save_pretrained(run / "checkpoint-10" / "unet")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(run / "checkpoint-10" / "scheduler")
+    (run / "training_config.json").write_text(json.dumps({"dataset": "sklearn-digits", "script": "train_flow_matching.py"}))
+    report = samplers.main([str(run), "--output_dir", str(tmp_path / "out"), "--nfes", "1", "2", "--num_samples", "32"])
+    scores = {row["spacing"]: row["scores"] for row in report["rows"]}
+    assert scores["stock"]["1"] == scores["uniform"]["1"]  # one step is the same Euler step either way
+    # Stock: the 2nd step integrates sigma 0.001 -> 0 and changes (almost) nothing; uniform: it covers 0.5 -> 0.
+    assert abs(scores["stock"]["2"] - scores["stock"]["1"]) < 0.1 * abs(scores["uniform"]["2"] - scores["uniform"]["1"])
+    text = (tmp_path / "out" / "speedup_samplers.md").read_text()
+    assert "code version" in text and "| digits8_flow/vanilla-seed0 | stock |" in text

@@ -171,3 +171,28 @@ def test_docs_are_found_in_readme_docs_and_the_training_scripts_readme(repo):
         (repo / path).write_text("x\n")
     names = [path.relative_to(repo).as_posix() for path in docs_sync.doc_files(repo)]
     assert names == ["README.md", "docs/a.md", "docs/sub/b.md", "training_scripts/README.md"]
+
+
+@pytest.mark.parametrize(
+    "ratio, vanilla_steps, method_steps, shown",
+    [
+        ("2.17", 434.0, 200.0, "≥ 2.17"),  # the method was there at the first checkpoint: a lower bound
+        ("2.17", 434.0, 200.1, "2.17"),
+        ("1.00", 200.0, 200.0, "n/d"),  # both there at the first checkpoint: nothing measured
+        (">5.00", None, 200.0, "> 5.00"),  # bounds the benchmark marked stay bounds
+        ("<1.00", 800.0, None, "< 1.00"),
+        ("n/a", None, None, "n/a"),
+    ],
+)
+def test_ratios_from_the_first_checkpoint_are_shown_as_bounds(ratio, vanilla_steps, method_steps, shown):
+    target = {"ratio": ratio, "vanilla_steps": vanilla_steps, "method_steps": method_steps}
+    assert at_a_glance.ratio_text(target, first_step=200.0) == shown
+
+
+def test_the_readme_shows_few_and_many_step_quality_of_every_recipe():
+    body = at_a_glance.build()[0]["at_a_glance.md"]
+    speedup = json.loads((REPO / at_a_glance.SOURCES["speedup"]).read_text())
+    for regime in speedup["regimes"]:
+        for nfe in at_a_glance.SHOWN_NFES:
+            label = f"{regime['name']} ({at_a_glance.RECIPE_NAMES[regime['recipe']]})"
+            assert f"| {label} | {nfe} | " in body, (label, nfe)

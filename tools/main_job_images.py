@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Copy the main job's final sample grids into docs/images/ for the README, with where they came from.
+"""Copy the main job's final sample grids at a few and many sampling steps into docs/images/, with provenance.
 
-    python tools/main_job_images.py outputs/demo [--demo_commit SHA] [--demo_command "python training_scripts/demo.py ..."]
+    python tools/main_job_images.py outputs/demo [--nfes 2 20] [--num_tiles 32]
 
-Writes ``docs/images/main_job_vanilla.png``, ``docs/images/main_job_immiscible.png`` (each run's last
-``samples/step_*.png``: EMA weights, the same starting noise in both runs) and ``docs/images/main_job.json``
-(this command's provenance, the demo's command and commit, and the runs' settings). The demo's provenance
-is read from its ``summary.json`` when it records one; otherwise pass the commit and command it ran with.
+Reads the evaluator's grids of the final checkpoint that ``make demo`` saves,
+``<demo>/evaluation/samples/<run>/step_<final>_nfe<n>.png`` (EMA weights, the same starting noise for both
+runs and every NFE), and writes ``docs/images/main_job_<run>_nfe<n>.png`` for each run and NFE, plus
+``docs/images/main_job.json`` (this command's provenance, the demo's provenance from its ``summary.json``,
+and the runs' settings). Grids saved without gaps between tiles (older evaluator) are re-tiled with the
+package's ``image_grid`` (grey gaps, tiles upscaled to a readable size).
 """
 
 from __future__ import annotations
@@ -22,23 +24,32 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # run as a script from a checkout: use its package
 
 from immiscible_diffusers.provenance import command_line, provenance  # noqa: E402
+from immiscible_diffusers.training import image_grid  # noqa: E402
 
 RUNS = ("vanilla", "immiscible")
 OUTPUT_DIR = REPO_DIR / "docs" / "images"
+GRID_COLUMNS = 8
 
 
-def final_grid(run_dir: Path) -> Path:
-    grids = sorted((run_dir / "samples").glob("step_*.png"))
-    if not grids:
-        raise ValueError(f"{run_dir} has no samples/step_*.png: is it a finished demo run?")
-    return grids[-1]
+def readable_grid(path: Path, tile_size: int, num_tiles: int) -> Image.Image:
+    """The first ``num_tiles`` samples of a saved grid, tiled with gaps (a gap-less grid is cut into tiles first)."""
+    grid = Image.open(path)
+    width, height = grid.size
+    if width % tile_size or height % tile_size:
+        return grid  # already made by image_grid (gaps and upscaled tiles): keep it as it is
+    tiles = [
+        grid.crop((x, y, x + tile_size, y + tile_size))
+        for y in range(0, height, tile_size)
+        for x in range(0, width, tile_size)
+    ]
+    return image_grid(tiles[:num_tiles], columns=GRID_COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("demo_dir", type=Path, help="The --output_dir of training_scripts/demo.py.")
-    parser.add_argument("--demo_commit", default=None, help="Git commit the demo ran with (if summary.json lacks it).")
-    parser.add_argument("--demo_command", default=None, help="The demo's command line (if summary.json lacks it).")
+    parser.add_argument("--nfes", type=int, nargs="+", default=[2, 20], help="Sampling step counts to show.")
+    parser.add_argument("--num_tiles", type=int, default=32, help="Samples per picture.")
     parser.add_argument("--output_dir", type=Path, default=OUTPUT_DIR)
     args = parser.parse_args(argv)
 
@@ -48,36 +59,46 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     summary = json.loads(summary_path.read_text())
-    demo = dict(summary.get("provenance") or {})
-    demo.setdefault("command", args.demo_command)
-    demo.setdefault("git_commit", args.demo_commit)
-    if not (demo.get("command") and demo.get("git_commit")):
-        print("error: --demo_commit/--demo_command: summary.json records no provenance, so give the commit and "
-              "command the demo ran with", file=sys.stderr)
+    if not (summary.get("provenance") or {}).get("git_commit"):
+        print(f"error: demo_dir: {summary_path} records no provenance (git commit): rerun the demo", file=sys.stderr)
         return 2
-    try:
-        grids = {name: final_grid(args.demo_dir / name) for name in RUNS}
-    except ValueError as error:
-        print(f"error: demo_dir: {error}", file=sys.stderr)
+    final_step = (summary.get("quality") or {}).get("final_step")
+    if final_step is None:
+        print(f"error: demo_dir: {summary_path} has no quality scores (was it run with --num_eval_samples 0?)",
+              file=sys.stderr)
+        return 2
+    missing = [n for n in args.nfes if n not in summary.get("nfes", [])]
+    if missing:
+        print(f"error: --nfes: the demo sampled at {summary.get('nfes')}, not at {missing}", file=sys.stderr)
         return 2
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     images = {}
-    for name, grid in grids.items():
-        target = args.output_dir / f"main_job_{name}.png"
-        Image.open(grid).save(target, optimize=True)
-        images[name] = {"file": target.relative_to(REPO_DIR).as_posix(), "source": f"{name}/samples/{grid.name}"}
+    for name in RUNS:
+        for nfe in args.nfes:
+            source = args.demo_dir / "evaluation" / "samples" / name / f"step_{final_step:06d}_nfe{nfe}.png"
+            if not source.is_file():
+                print(f"error: demo_dir: {source} does not exist", file=sys.stderr)
+                return 2
+            target = args.output_dir / f"main_job_{name}_nfe{nfe}.png"
+            readable_grid(source, summary["resolution"], args.num_tiles).save(target, optimize=True)
+            images[f"{name}_nfe{nfe}"] = {
+                "file": target.relative_to(REPO_DIR).as_posix(),
+                "source": source.relative_to(args.demo_dir).as_posix(),
+                "nfe": nfe,
+            }
     record = {
         "provenance": provenance(command_line()),
-        "demo": demo,
+        "demo": summary["provenance"],
         "images": images,
-        "settings": {key: summary.get(key) for key in ("max_train_steps", "train_batch_size", "seed")},
+        "settings": {key: summary.get(key) for key in ("recipe", "resolution", "max_train_steps", "train_batch_size", "seed")},
         "same_batches": summary.get("same_batches"),
         "same_noise_and_timesteps": summary.get("same_noise_and_timesteps"),
-        "sampling": "EMA weights, DDIM 50 steps, the same starting noise for both runs (the training script's grid)",
+        "sampling": f"the evaluator's grids of step {final_step}: EMA weights, Euler with uniform sigmas at each NFE, "
+                    f"the same starting noise for both runs; the first {args.num_tiles} samples",
     }
     (args.output_dir / "main_job.json").write_text(json.dumps(record, indent=2) + "\n")
-    for path in [*(args.output_dir / f"main_job_{name}.png" for name in RUNS), args.output_dir / "main_job.json"]:
+    for path in [*(REPO_DIR / image["file"] for image in images.values()), args.output_dir / "main_job.json"]:
         print(f"wrote {path.relative_to(REPO_DIR)} ({path.stat().st_size / 1024:.0f} KB)")
     return 0
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .assignment import AssignmentStats, assign_noise
+from .schedulers import ImmiscibleNoiseScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -99,6 +100,17 @@ def prepare_noise_and_target(
         raise ValueError(
             f"latents must be a (batch, channels, height, width) tensor, got "
             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}"
+        )
+    if (
+        isinstance(noise_scheduler, ImmiscibleNoiseScheduler)
+        and noise_scheduler.config.drop_in_assignment
+        and noise_scheduler.config.assignment != "none"
+    ):
+        # This function assigns the noise itself; a drop-in scheduler would assign the derived tensors
+        # (offset, perturbation) a second time and pair the model input with other noise than the target.
+        raise ValueError(
+            "noise_scheduler is an immiscible drop-in scheduler, but prepare_noise_and_target assigns the noise "
+            "itself: pass its stock scheduler (noise_scheduler.to_stock_scheduler()) or set drop_in_assignment=False"
         )
     batch, channels = latents.shape[:2]
 

@@ -254,3 +254,17 @@ def test_recipe_loss_is_the_assigned_noise_loss():
     assigned = assign_noise(clean, noise.clone())
     loss = F.mse_loss(model(noise_scheduler.add_noise(clean, noise, timesteps)), noise)
     torch.testing.assert_close(loss, F.mse_loss(model(stock.add_noise(clean, assigned, timesteps)), assigned))
+
+
+def test_latent_recipe_refuses_a_drop_in_scheduler_that_would_assign_twice():
+    from immiscible_diffusers import ImmiscibleDDPMScheduler
+    from immiscible_diffusers.latent import prepare_noise_and_target
+
+    latents = torch.randn(4, 4, 8, 8)
+    scheduler = ImmiscibleDDPMScheduler(num_train_timesteps=100)
+    with pytest.raises(ValueError, match="assigns the noise itself"):
+        prepare_noise_and_target(latents, scheduler, prediction_type="epsilon", assignment={"method": "linear"})
+    # The stock scheduler, or the drop-in switched off, is the supported pairing.
+    for stock in (scheduler.to_stock_scheduler(), ImmiscibleDDPMScheduler(num_train_timesteps=100, drop_in_assignment=False)):
+        result = prepare_noise_and_target(latents, stock, prediction_type="epsilon", assignment={"method": "linear"})
+        assert torch.equal(result.target, result.assigned_noise)

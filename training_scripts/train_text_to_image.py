@@ -23,8 +23,6 @@ Add ``--rank 4`` to train LoRA adapters of the UNet's attention projections inst
 from __future__ import annotations
 
 import argparse
-import logging
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -35,69 +33,41 @@ import diffusers
 import numpy as np
 import torch
 import transformers
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, is_wandb_available
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.import_utils import is_xformers_available
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from immiscible_diffusers.arguments import (
+    LR_SCHEDULERS,
+    TRACKERS,
+    add_assignment_args,
+    add_debug_arg,
+    assignment_kwargs,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from immiscible_diffusers.data import dataset_display_name, image_transform, load_image_dataset
-from immiscible_diffusers.hub import create_hub_repo, push_output_dir
+from immiscible_diffusers.errors import run_entry_point
 from immiscible_diffusers.latent import PREDICTION_TYPES, NoisedLatents, prepare_noise_and_target, snr_weighted_mse
 from immiscible_diffusers.model_card import training_card_metadata, write_model_card
-from immiscible_diffusers.training import (
-    CheckpointableGenerator,
-    StepAccumulator,
-    TrainLog,
-    add_assignment_args,
-    assignment_generator,
-    assignment_kwargs,
-    check_batch_size,
-    checkpoint_step,
-    non_negative_int,
-    positive_int,
-    reseed_assignment_generator,
-    remove_partial_checkpoints,
-    resolve_resume_checkpoint,
-    save_checkpoint,
-    save_sample_grid,
-    save_training_config,
-    use_cpu_processes,
-)
+from immiscible_diffusers.optimizers import build_optimizer
+from immiscible_diffusers.processes import check_batch_size
+from immiscible_diffusers.run import TrainingRun, training_dataloader
+from immiscible_diffusers.training import save_sample_grid, save_training_config
 
 logger = get_logger(__name__, log_level="INFO")
 
 SCRIPT_NAME = "train_text_to_image.py"
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # The attention projections of the UNet, as in diffusers' LoRA example.
 LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Captions of the bundled digits, the offline default dataset.
 DIGITS_CAPTION = "a handwritten digit {label}"
-
-
-def non_negative_float(value: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not (math.isfinite(number) and number >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return number
-
-
-def positive_float(value: str) -> float:
-    """argparse type: a finite number > 0."""
-    number = non_negative_float(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return number
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -239,7 +209,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=("no", "fp16", "bf16"),
         help="Mixed precision; the frozen VAE and text encoder run in it too. Default: accelerate's config.",
     )
-    parser.add_argument("--report_to", type=str, default="tensorboard", choices=("tensorboard", "wandb"))
+    parser.add_argument(
+        "--report_to", type=str, default="tensorboard", choices=TRACKERS, help="tensorboard, wandb, or all installed."
+    )
     parser.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
     parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
     parser.add_argument(
@@ -281,6 +253,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             "instead of the whole UNet; saves pytorch_lora_weights.safetensors. Needs peft."
         ),
     )
+    add_debug_arg(parser)
     add_assignment_args(parser)
 
     args = parser.parse_args(input_args)
@@ -370,11 +343,6 @@ def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
-
-
-def rng_preserved(device: torch.device):
-    """A context after which torch's global random state (and ``device``'s, for CUDA) is as it was before."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def check_pretrained_path(name_or_path: str) -> None:
@@ -542,10 +510,11 @@ def generate_validation_images(pipeline: StableDiffusionPipeline, args: argparse
 def log_validation_images(images: list, output_dir: Path, step: int, accelerator, args: argparse.Namespace) -> Path:
     """Save the grid as ``samples/step_<step>.png`` and send the images to tensorboard."""
     path = save_sample_grid(images, output_dir, step)
-    if args.report_to == "tensorboard":
+    names = {tracker.name for tracker in accelerator.trackers}
+    if "tensorboard" in names:
         tracker = accelerator.get_tracker("tensorboard", unwrap=True)
         tracker.add_images("validation", np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")
-    elif args.report_to == "wandb":
+    if "wandb" in names:
         import wandb
 
         tracker = accelerator.get_tracker("wandb", unwrap=True)
@@ -656,54 +625,22 @@ image.save("image.png")
 
 
 def main(args: argparse.Namespace) -> None:
-    output_dir = Path(args.output_dir)
-    logging_dir = output_dir / args.logging_dir
-    accelerator_project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir))
-    if args.report_to == "wandb" and not is_wandb_available():
-        raise ImportError("--report_to wandb needs wandb: pip install wandb")
-    if args.report_to == "wandb" and args.hub_token is not None:
-        raise ValueError(
-            "--hub_token with --report_to wandb would expose the token; log in with `hf auth login` instead"
-        )
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=accelerator_project_config,
-        cpu=use_cpu_processes(),
-    )
+    # Checked before anything is built, so that a mistyped path fails at once.
+    check_pretrained_path(args.pretrained_model_name_or_path)
+    run = TrainingRun(
+        args, script=SCRIPT_NAME, report_to=args.report_to, tracker_project=args.tracker_project_name,
+        prediction_type=None,
+    )  # fmt: skip
+    accelerator = run.accelerator
     # Recorded as resolved: the flag defaults to accelerate's config.
     args.mixed_precision = accelerator.mixed_precision
-
-    # Make one log on every process with the configuration for debugging.
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
-    )
-    logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
         diffusers.utils.logging.set_verbosity_info()
     else:
-        datasets.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-
-    # The same seed everywhere for LoRA's initial weights; each process then draws its own noise.
-    if args.seed is not None:
-        set_seed(args.seed)
-
-    # Checked before anything is built, so that a mistyped path or checkpoint name fails at once.
-    check_pretrained_path(args.pretrained_model_name_or_path)
-    checkpoint = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
-    hub_repo_id = None
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(output_dir)
-        if args.push_to_hub:
-            hub_repo_id = create_hub_repo(
-                output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo
-            )
+        for library in (datasets, transformers, diffusers):
+            library.utils.logging.set_verbosity_error()
 
     # Load scheduler, tokenizer and models. Training uses a DDPMScheduler with the pretrained schedule; the
     # saved pipeline keeps the pretrained (stock) inference scheduler.
@@ -719,6 +656,7 @@ def main(args: argparse.Namespace) -> None:
                 f"{PREDICTION_TYPES}"
             )
         args.prediction_type = base_prediction_type
+    run.recipe["prediction_type"] = args.prediction_type
     noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **pretrained)
     text_encoder = CLIPTextModel.from_pretrained(
@@ -739,11 +677,7 @@ def main(args: argparse.Namespace) -> None:
 
     # For mixed precision the frozen weights (VAE, text encoder, and the UNet under LoRA) are cast to half
     # precision: they are only used for inference, so full precision is not needed.
-    weight_dtype = torch.float32
-    if accelerator.mixed_precision == "fp16":
-        weight_dtype = torch.float16
-    elif accelerator.mixed_precision == "bf16":
-        weight_dtype = torch.bfloat16
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
 
@@ -758,12 +692,13 @@ def main(args: argparse.Namespace) -> None:
     else:
         trainable_params = list(unet.parameters())
 
-    # Create EMA for the unet.
+    # An EMA of the unet, moved with it by the run (checkpointed as unet_ema/ by the hooks below).
     ema_unet = None
     if args.use_ema:
         ema_unet = EMAModel(
             unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config, foreach=args.foreach_ema
         )
+        run.track_ema(ema_unet, register=False)
 
     if args.enable_xformers_memory_efficient_attention:
         if not is_xformers_available():
@@ -798,7 +733,6 @@ def main(args: argparse.Namespace) -> None:
         if ema_unet is not None:
             loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), UNet2DConditionModel)
             ema_unet.load_state_dict(loaded.state_dict())
-            ema_unet.to(accelerator.device)
             del loaded
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -812,240 +746,69 @@ def main(args: argparse.Namespace) -> None:
         if ema_unet is not None:
             ema_unet.save_pretrained(folder / "unet_ema")
 
-    if args.scale_lr:
-        args.learning_rate = (
-            args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-        )
+    run.save_models = save_models
 
-    # Initialize the optimizer.
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    optimizer = optimizer_cls(
-        trainable_params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = build_optimizer(trainable_params, args)
 
     # Get the dataset: a Hub dataset, an image folder with captions, or the bundled digits.
     with accelerator.main_process_first():
         dataset = load_captioned_dataset(args)
     check_batch_size(len(dataset), args.train_batch_size, accelerator.num_processes)
     train_dataset = with_text_to_image_transform(dataset, args, tokenizer)
-    logger.info(f"Dataset size: {len(train_dataset)}")
-
-    # Incomplete batches are dropped: the assignment's effect depends on the batch size. The data order
-    # comes from its own generator, re-seeded every epoch (below), so it depends on --seed and the epoch
-    # only and a run resumed at any step sees the batches an uninterrupted run would have seen.
-    data_generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        shuffle=True,
-        collate_fn=collate_fn,
-        batch_size=args.train_batch_size,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-        generator=data_generator,
+    train_dataloader, data_generator = training_dataloader(
+        train_dataset, args, accelerator.num_processes, collate_fn=collate_fn
     )
-
-    # Scheduler and math around the number of training steps (per process, as diffusers' examples).
-    num_update_steps_per_epoch = math.ceil(
-        len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps
+    unet, optimizer, train_dataloader, lr_scheduler = run.prepare(
+        unet, optimizer, train_dataloader, num_epochs=args.num_train_epochs, data_generator=data_generator
     )
-    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        # The prepared scheduler steps once per process per optimizer step.
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
-
-    # Prepare everything with our `accelerator`.
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, train_dataloader, lr_scheduler
-    )
-    if ema_unet is not None:
-        ema_unet.to(accelerator.device)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
-
-    if args.seed is not None:
-        set_seed(args.seed, device_specific=True)
-    knn_generator = assignment_generator(args.seed, accelerator.process_index, accelerator.device)
-    # Saved with each checkpoint (as accelerate saves the global RNG states), so a resumed run draws on.
-    accelerator.register_for_checkpointing(CheckpointableGenerator(knn_generator))
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name)
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(train_dataset)}")
-    logger.info(f"  Num Epochs = {num_epochs}")
-    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
-    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
-    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
-    logger.info(f"  Total optimization steps = {max_train_steps}")
     logger.info(f"  Trainable parameters = {sum(p.numel() for p in trainable_params):,} ({'LoRA' if lora else 'UNet'})")
-    logger.info(f"  Prediction type = {args.prediction_type}; assignment = {args.assignment} ({args.assignment_scope})")
+    logger.info(f"  Prediction type = {args.prediction_type}")
 
-    global_step = 0
-    first_epoch = 0
-    resume_batches = 0
-    if args.resume_from_checkpoint and checkpoint is None:
-        logger.info("No checkpoint to resume from yet: starting a new training run.")
-    if checkpoint is not None:
-        logger.info(f"Resuming from checkpoint {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    def train_step(batch: dict) -> tuple:
+        step = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, args, weight_dtype, run.knn_generator)
+        noised = step.noised
+        draws = [noised.noise_before_assignment, noised.timesteps]
+        draws += [d for d in (noised.offset, noised.perturbation) if d is not None]
+        return step.loss, (noised.assignment_stats, noised.assign_seconds, batch["pixel_values"], draws)
 
-    def validate(step: int) -> Path:
-        """Sample the validation prompts with the current (EMA, if any) weights."""
-        if ema_unet is not None:
-            # Sample with the EMA weights, then put the training weights back.
-            ema_unet.store(unet.parameters())
-            ema_unet.copy_to(unet.parameters())
-        try:
-            pipeline = build_pipeline(
-                args,
-                vae=vae,
-                text_encoder=text_encoder,
-                tokenizer=tokenizer,
-                unet=unwrap(unet),
-                safety_checker=None,
-                torch_dtype=weight_dtype,
-            )
+    def validate(epoch: int) -> None:
+        """Sample the validation prompts with the current (EMA, if any) weights every few epochs."""
+        if not args.validation_prompts or epoch % args.validation_epochs:
+            return
+        with run.model_for_inference() as trained_unet:
+            components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": trained_unet}
+            pipeline = build_pipeline(args, **components, safety_checker=None, torch_dtype=weight_dtype)
             images = generate_validation_images(pipeline, args, accelerator)
-        finally:
-            if ema_unet is not None:
-                ema_unet.restore(unet.parameters())
-        return log_validation_images(images, output_dir, step, accelerator, args)
+        log_validation_images(images, run.output_dir, run.global_step, accelerator, args)
 
-    train_log = TrainLog(output_dir, accelerator, resume_step=global_step)
-    step_stats = StepAccumulator()
-    progress_bar = tqdm(
-        total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
-    )
-
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
-            break
-        unet.train()
-        if data_generator is not None:
-            data_generator.manual_seed(args.seed + epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and resume_batches > 0:
-            batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        micro_step = 0  # micro-batches of the current optimizer step so far (gradient accumulation)
-        for batch in batches:
-            if args.seed is not None:
-                # KNN candidates that depend on where the run is, not on what it drew before: exact resumes,
-                # and each process keeps its own candidates after a multi-process resume.
-                reseed_assignment_generator(
-                    knn_generator, args.seed, accelerator.process_index, step=global_step, micro_step=micro_step
-                )
-            micro_step += 1
-            with accelerator.accumulate(unet):
-                step = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, args, weight_dtype, knn_generator)
-                accelerator.backward(step.loss)
-                if accelerator.sync_gradients:
-                    micro_step = 0
-                    accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            noised = step.noised
-            draws = [noised.noise_before_assignment, noised.timesteps]
-            draws += [d for d in (noised.offset, noised.perturbation) if d is not None]
-            step_stats.add(
-                step.loss.detach(), noised.assignment_stats, noised.assign_seconds, batch["pixel_values"], draws
-            )
-
-            # Checks if the accelerator has performed an optimization step behind the scenes
-            if accelerator.sync_gradients:
-                if ema_unet is not None:
-                    ema_unet.step(unet.parameters())
-                global_step += 1
-                values = step_stats.reduce(accelerator)
-                step_stats.reset()
-                lr = lr_scheduler.get_last_lr()[0]
-                train_log.log(global_step, epoch, lr, values)
-                progress_bar.update(1)
-                progress_bar.set_postfix(
-                    loss=f"{values['loss']:.4f}",
-                    lr=f"{lr:.2e}",
-                    dist=f"{values['assign_distance_before']:.3f}->{values['assign_distance_after']:.3f}",
-                )
-                if global_step % args.checkpointing_steps == 0:
-                    # The checkpoint holds the random state of this moment; saving the EMA copy builds a
-                    # UNet (random init), which must not move the training's random stream past it.
-                    with rng_preserved(accelerator.device):
-                        path = save_checkpoint(
-                            accelerator, output_dir, global_step, save_models, args.checkpoints_total_limit
-                        )
-                    logger.info(f"Saved state to {path}")
-                if global_step >= max_train_steps:
-                    break
-
-        # Validation images every few epochs (the final ones are made after the loop).
-        if accelerator.is_main_process and args.validation_prompts and global_step < max_train_steps:
-            if epoch % args.validation_epochs == 0:
-                with rng_preserved(accelerator.device):  # validating never changes what training draws
-                    validate(global_step)
-
-    progress_bar.close()
-    train_log.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def save_final() -> None:
         trained_unet = unwrap(unet)
         if lora:
-            save_lora_weights(output_dir, trained_unet)
+            save_lora_weights(run.output_dir, trained_unet)
             # As a user would: the base pipeline plus the saved file, which this also checks.
             pipeline = build_pipeline(args, safety_checker=None, torch_dtype=weight_dtype)
-            pipeline.load_lora_weights(output_dir, weight_name=LORA_WEIGHT_NAME)
+            pipeline.load_lora_weights(run.output_dir, weight_name=LORA_WEIGHT_NAME)
         else:
             if ema_unet is not None:
                 ema_unet.copy_to(trained_unet.parameters())
             # The frozen VAE and text encoder are reloaded, so they are saved as they were, never in the
             # half precision they ran in; the safety checker (if any) is kept.
             pipeline = build_pipeline(args, unet=trained_unet)
-            pipeline.save_pretrained(output_dir)
+            pipeline.save_pretrained(run.output_dir)
         grid = None
         if args.validation_prompts:
             images = generate_validation_images(pipeline, args, accelerator)
-            grid = log_validation_images(images, output_dir, global_step, accelerator, args)
+            grid = log_validation_images(images, run.output_dir, run.global_step, accelerator, args)
         save_run_files(
-            output_dir,
-            args,
-            global_step,
-            grid,
-            accelerator.num_processes,
-            hub_repo_id,
+            run.output_dir, args, run.global_step, grid, accelerator.num_processes, run.hub_repo_id,
             base_prediction_type,
-        )
-        saved = "LoRA weights" if lora else "pipeline"
-        logger.info(f"Saved the {saved} and model card to {output_dir} (step {global_step})")
-        if args.push_to_hub:
-            url = push_output_dir(
-                output_dir,
-                hub_repo_id,
-                token=args.hub_token,
-                private=args.hub_private_repo,
-                required_file=LORA_WEIGHT_NAME if lora else "model_index.json",
-            )
-            logger.info(f"Pushed to {url}")
-    accelerator.end_training()
+        )  # fmt: skip
+
+    run.train(train_step, clip_parameters=trainable_params, after_epoch=validate)
+    run.finish(save_final, required_file=LORA_WEIGHT_NAME if lora else "model_index.json")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_entry_point(lambda: main(parse_args()))

@@ -7,8 +7,8 @@ import math
 import os
 from typing import Any
 
-from .data import DIGITS_DEFAULT_RESOLUTION
 from .assignment import COST_DTYPES, DEFAULT_BLOCK_SIZE, DISTANCES, METHODS, SCOPES
+from .data import DIGITS_DEFAULT_RESOLUTION
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # Trackers that `--report_to` accepts; "all" is every installed one (as in diffusers' examples).

@@ -172,7 +172,8 @@ def check_recipe(checkpoint: str | os.PathLike, recipe: Mapping[str, Any]) -> No
     for key in ("script", "prediction_type", "model_config"):
         if key in saved and key in wanted and saved[key] != wanted[key]:
             if key == "model_config":
-                differ = sorted(k for k in set(saved[key]) | set(wanted[key]) if saved[key].get(k) != wanted[key].get(k))
+                keys = set(saved[key]) | set(wanted[key])
+                differ = sorted(k for k in keys if saved[key].get(k) != wanted[key].get(k))
                 what = f"a model config that differs in {differ}"
             else:
                 what = f"{key} {saved[key]!r}, not {wanted[key]!r}"

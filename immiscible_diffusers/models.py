@@ -12,7 +12,6 @@ import torch
 from diffusers import UNet2DModel
 
 
-
 def check_unet_resolution(resolution: int, down_block_types: Sequence[str]) -> None:
     """Raise ``ValueError`` unless a UNet with these down blocks can take ``resolution`` x ``resolution`` images.
 

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 import torch
 
 
-
 def assignment_generator(
     seed: int | None, process_index: int = 0, device: str | torch.device = "cpu"
 ) -> torch.Generator:
@@ -29,7 +28,12 @@ def assignment_generator(
 
 
 def reseed_assignment_generator(
-    generator: torch.Generator, seed: int, process_index: int, step: int, micro_step: int = 0, stream: str = "assignment"
+    generator: torch.Generator,
+    seed: int,
+    process_index: int,
+    step: int,
+    micro_step: int = 0,
+    stream: str = "assignment",
 ) -> torch.Generator:
     """Seed ``generator`` (in place) from ``(seed, process_index, step, micro_step)`` alone; return it.
 

@@ -36,14 +36,14 @@ from .checkpoints import (
     save_checkpoint,
     set_aside_newer_checkpoints,
 )
+from .data import dataset_display_name, load_image_dataset
 from .hub import create_hub_repo, push_output_dir
 from .logs import StepAccumulator, TrainLog
 from .model_card import training_card_metadata, write_model_card
 from .models import ema_weights_swapped_in
-from .data import dataset_display_name, load_image_dataset
 from .processes import check_batch_size, use_cpu_processes
-from .training import save_sample_grid, save_training_config
 from .randomness import CheckpointableGenerator, assignment_generator, reseed_assignment_generator, rng_preserved
+from .training import save_sample_grid, save_training_config
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -103,7 +103,13 @@ class TrainingRun:
     """
 
     def __init__(
-        self, args: argparse.Namespace, *, script: str, report_to: str, tracker_project: str, prediction_type: str | None
+        self,
+        args: argparse.Namespace,
+        *,
+        script: str,
+        report_to: str,
+        tracker_project: str,
+        prediction_type: str | None,
     ) -> None:
         self.args = args
         self.output_dir = Path(args.output_dir)
@@ -131,7 +137,8 @@ class TrainingRun:
             level=logging.INFO,
         )
         logger.info(accelerator.state, main_process_only=False)
-        # The same seed everywhere for the weights (DDP also broadcasts rank 0's); each process then draws its own noise.
+        # The same seed everywhere for the weights (DDP also broadcasts rank 0's); each process then draws its
+        # own noise.
         if args.seed is not None:
             set_seed(args.seed)
         # Checked before anything is built or written, so that a mistyped checkpoint name fails at once.
@@ -381,7 +388,7 @@ class TrainingRun:
     def periodic_saves(
         self, generate: Callable[[torch.nn.Module], list], save: Callable[[torch.nn.Module, Path | None], None]
     ) -> Callable[[int], None]:
-        """An ``after_epoch`` hook: samples every ``--save_images_epochs``, the pipeline every ``--save_model_epochs``."""
+        """An ``after_epoch`` hook: a grid every --save_images_epochs, the pipeline every --save_model_epochs."""
 
         def after_epoch(epoch: int) -> None:
             if epoch % self.args.save_images_epochs == 0:
@@ -416,7 +423,8 @@ class TrainingRun:
         """``training_config.json`` (every flag, the step, ``config``) and the model card ``README.md``.
 
         The card's training table shows the assignment and optimisation flags, then ``settings``; ``card`` goes
-        to ``write_model_card`` (``table`` adds values the flags do not hold; ``pipeline_tag``, ``usage_code``, ``summary``, ``extra_tags``, ...).
+        to ``write_model_card`` (``pipeline_tag``, ``usage_code``, ``summary``, ``extra_tags``, ...); ``table`` adds
+        values the flags do not hold.
         """
         args, step, script = self.args, self.global_step, self.recipe["script"]
         extra = {"num_processes": self.accelerator.num_processes, **(config or {})}

@@ -33,10 +33,18 @@ from .checkpoints import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from .logs import TRAIN_LOG_COLUMNS, TRAIN_LOG_NAME, StepAccumulator, TrainLog, read_train_log, relative_reduction, tensor_fingerprint
+from .logs import (
+    TRAIN_LOG_COLUMNS,
+    TRAIN_LOG_NAME,
+    StepAccumulator,
+    TrainLog,
+    read_train_log,
+    relative_reduction,
+    tensor_fingerprint,
+)
 from .models import build_unet, check_unet_resolution, ema_weights_swapped_in
-from .randomness import CheckpointableGenerator, assignment_generator, reseed_assignment_generator, rng_preserved
 from .processes import check_batch_size, use_cpu_processes
+from .randomness import CheckpointableGenerator, assignment_generator, reseed_assignment_generator, rng_preserved
 
 __all__ = [
     "CHECKPOINT_PREFIX", "PARTIAL_CHECKPOINT_PREFIX", "TRAIN_LOG_COLUMNS", "TRAIN_LOG_NAME", "TRAINING_CONFIG_NAME",

@@ -28,7 +28,8 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 COLUMNS = ("step", "epoch", "loss", "lr", "assign_distance_before", "assign_distance_after", "batch_hash", "noise_hash")
 EXACT = ("step", "epoch", "batch_hash", "noise_hash")
 
-TINY_UNET = ["--resolution", "8", "--unet_block_out_channels", "8,16", "--max_train_samples", "64", "--eval_batch_size", "2"]
+TINY_UNET = ["--resolution", "8", "--unet_block_out_channels", "8,16", "--max_train_samples", "64",
+             "--eval_batch_size", "2"]  # fmt: skip
 COMMON = ["--train_batch_size", "8", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
           "--seed", "0", "--assignment", "knn", "--knn_k", "3", "--gradient_accumulation_steps", "2"]  # fmt: skip
 

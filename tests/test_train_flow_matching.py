@@ -199,7 +199,9 @@ def test_saved_pipeline_samples_in_a_fresh_process_with_plain_diffusers(trained,
             generator = torch.Generator().manual_seed(0)
             return pipeline(batch_size=2, num_inference_steps=3, output_type="np", generator=generator).images
 
-        pipeline = DiffusionPipeline.from_pretrained({str(output_dir)!r}, custom_pipeline="pipeline", trust_remote_code=True)
+        pipeline = DiffusionPipeline.from_pretrained(
+            {str(output_dir)!r}, custom_pipeline="pipeline", trust_remote_code=True
+        )
         plain = sample(pipeline)
         assert plain.shape == (2, 8, 8, 1) and np.isfinite(plain).all(), plain.shape
         assert plain.min() >= 0 and plain.max() <= 1
@@ -312,7 +314,9 @@ def test_every_weighting_scheme_trains_with_its_sigma_density_and_loss_weight(sc
     step = script.compute_loss(unet, grid, torch.rand(8, 1, 8, 8) * 2 - 1, args)
     assert torch.isfinite(step.loss) and step.loss.requires_grad
     s = step.sigmas
-    expected_weighting = {"sigma_sqrt": s**-2, "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2))}.get(scheme, torch.ones_like(s))
+    expected_weighting = {"sigma_sqrt": s**-2, "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2))}.get(
+        scheme, torch.ones_like(s)
+    )
     torch.testing.assert_close(step.weighting.flatten(), expected_weighting)
 
     draws = sample_training_sigmas(grid, 4000, scheme, generator=torch.Generator().manual_seed(0))
@@ -394,7 +398,8 @@ def test_evaluator_samples_the_runs_with_the_flow_sampler(trained, monkeypatch):
     with pytest.raises(ValueError, match="holds a FlowMatchingPipeline"):
         evaluate.resolve_sampler(run, "ddim")
     checkpoints = evaluate.find_checkpoints(run)
-    assert [(c.step, c.weights, c.source) for c in checkpoints] == [(2, "ema", "checkpoint-2"), (4, "ema", "checkpoint-4")]
+    found = [(c.step, c.weights, c.source) for c in checkpoints]
+    assert found == [(2, "ema", "checkpoint-2"), (4, "ema", "checkpoint-4")]
 
     options = evaluate.SamplingOptions(num_images=5, num_inference_steps=3, seed=7, batch_size=2, progress=False)
     first = sample_flow_matching(run, checkpoints[0].model_dir, options)

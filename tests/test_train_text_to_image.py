@@ -18,7 +18,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -736,15 +735,15 @@ def _sample_predicting_base(tiny_sd: Path, folder: Path) -> Path:
 @pytest.mark.parametrize(
     "flags, error, message",
     [
-        (["--train_data_dir", "{no_captions}"], ValueError, r"not a column of the dataset \(an imagefolder takes captions from a metadata.jsonl"),
-        (["--train_data_dir", "{images}", "--caption_column", "caption"], ValueError, "--caption_column 'caption' is not a column"),
+        (["--train_data_dir", "{no_captions}"], ValueError, r"not a column of the dataset \(an imagefolder takes captions from a metadata.jsonl"),  # noqa: E501
+        (["--train_data_dir", "{images}", "--caption_column", "caption"], ValueError, "--caption_column 'caption' is not a column"),  # noqa: E501
         (["--train_data_dir", "{images}", "--image_column", "img"], ValueError, "--image_column 'img' is not a column"),
         (["--caption_column", "label"], ValueError, "'label' must hold strings or lists of strings, got int"),
         (["--resolution", "15"], ValueError, "--resolution 15 is not a multiple of the VAE's downsampling factor 2"),
-        (["--train_data_dir", "{images}", "--train_batch_size", "64"], ValueError, "needs at least 64 training examples"),
+        (["--train_data_dir", "{images}", "--train_batch_size", "64"], ValueError, "needs at least 64 training examples"),  # noqa: E501
         (["--resume_from_checkpoint", "checkpoint-7"], ValueError, "neither 'latest' nor an existing checkpoint"),
         (["--pretrained_model_name_or_path", "./missing/sd"], ValueError, r"'./missing/sd' is not a folder"),
-        (["--pretrained_model_name_or_path", "{sample_base}"], ValueError, "scheduler predicts 'sample'; pass --prediction_type"),
+        (["--pretrained_model_name_or_path", "{sample_base}"], ValueError, "scheduler predicts 'sample'; pass --prediction_type"),  # noqa: E501
         (["--use_8bit_adam"], ImportError, "--use_8bit_adam needs bitsandbytes"),
         (["--enable_xformers_memory_efficient_attention"], ValueError, "needs xformers"),
     ],

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPTS, load_script, run_script, script_env
 from PIL import Image
 
+from conftest import SCRIPTS, load_script, run_script, script_env
 from immiscible_diffusers.checkpoints import SUPERSEDED_DIR, list_checkpoints
 from immiscible_diffusers.errors import run_entry_point
 from immiscible_diffusers.models import build_unet
@@ -64,12 +64,14 @@ def test_resuming_an_older_checkpoint_then_latest_after_a_kill_follows_the_new_h
     command = [sys.executable, str(SCRIPTS / "train_unconditional.py"), "--output_dir", str(output_dir), *flags,
                "--resume_from_checkpoint", "checkpoint-4"]  # fmt: skip
     process = subprocess.Popen(command, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
+    deadline, restarted = time.monotonic() + 240, False
     while time.monotonic() < deadline and process.poll() is None:
-        log = output_dir / "train_log.csv"
-        if log.exists() and len(read_train_log(log)) >= 7 and (output_dir / "checkpoint-6").is_dir():
+        rows = len(read_train_log(output_dir / "train_log.csv"))
+        restarted = restarted or rows < 12  # the restart cut the log back to its checkpoint's step
+        if restarted and rows >= 7:
             break
         time.sleep(0.05)
+    assert process.poll() is None, "the restarted run ended before it could be killed"
     process.kill()
     process.wait()
     # The newer checkpoints of the first run were moved aside when the restart began.
@@ -117,8 +119,16 @@ def test_the_ema_follows_the_model_device_after_a_resume(name, tmp_path, monkeyp
 
     events = []
     original_load, original_to = Accelerator.load_state, EMAModel.to
-    monkeypatch.setattr(Accelerator, "load_state", lambda self, *a, **k: (events.append("load"), original_load(self, *a, **k))[1])
-    monkeypatch.setattr(EMAModel, "to", lambda self, *a, **k: (events.append("ema.to"), original_to(self, *a, **k))[1])
+    def load_state(self, *args, **kwargs):
+        events.append("load")
+        return original_load(self, *args, **kwargs)
+
+    def ema_to(self, *args, **kwargs):
+        events.append("ema.to")
+        return original_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "load_state", load_state)
+    monkeypatch.setattr(EMAModel, "to", ema_to)
     script.main(script.parse_args([*flags, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]))
     assert "load" in events and "ema.to" in events[events.index("load"):]
 
@@ -190,8 +200,8 @@ def test_corrupt_images_are_skipped_with_a_count_before_training(tmp_path):
         Image.new("RGB", (12, 12), (index * 20, 0, 0)).save(images / f"{index}.png")
     (images / "broken.png").write_bytes(b"not a png")
     output_dir = tmp_path / "out"
-    result = run_script("train_unconditional", "--output_dir", str(output_dir), *TINY, *SAMPLER["train_unconditional"],
-                        "--train_data_dir", str(images), "--max_train_steps", "1", "--cache_dir", str(tmp_path / "c"))  # fmt: skip
+    flags = [*TINY, *SAMPLER["train_unconditional"], "--train_data_dir", str(images), "--max_train_steps", "1"]
+    result = run_script("train_unconditional", "--output_dir", str(output_dir), *flags, "--cache_dir", str(tmp_path))
     assert "skipped 1 unreadable image(s) of 10 in --train_data_dir: broken.png" in result.stderr
     assert len(read_train_log(output_dir / "train_log.csv")) == 1
 

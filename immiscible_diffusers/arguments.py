@@ -15,60 +15,40 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 TRACKERS = ("tensorboard", "wandb", "all")
 
 
+def _number(value: str, convert, accept, expected: str):
+    """``convert(value)`` if it converts and ``accept`` takes it; otherwise argparse's error naming ``expected``."""
+    try:
+        number = convert(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if not accept(number):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+    return number
+
 
 def positive_int(value: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
-    return number
+    return _number(value, int, lambda n: n >= 1, "an integer >= 1")
 
 
 def non_negative_int(value: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
+    return _number(value, int, lambda n: n >= 0, "an integer >= 0")
 
 
 def non_negative_float(value: str) -> float:
     """argparse type: a finite number >= 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not (math.isfinite(number) and number >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return number
+    return _number(value, float, lambda n: math.isfinite(n) and n >= 0, "a number >= 0")
 
 
 def positive_float(value: str) -> float:
     """argparse type: a finite number > 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
-    if not (math.isfinite(number) and number > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return number
+    return _number(value, float, lambda n: math.isfinite(n) and n > 0, "a number > 0")
 
 
 def unit_interval_float(value: str) -> float:
     """argparse type: a number in ``[0, 1)`` (an EMA decay)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= number < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
-    return number
+    return _number(value, float, lambda n: 0.0 <= n < 1.0, "a number in [0, 1)")
 
 
 def add_assignment_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

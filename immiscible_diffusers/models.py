@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.training_utils import EMAModel
 
 
 def check_unet_resolution(resolution: int, down_block_types: Sequence[str]) -> None:
@@ -106,3 +107,12 @@ def ema_weights_swapped_in(ema_model, model: torch.nn.Module) -> Iterator[torch.
         yield model
     finally:
         ema_model.restore(parameters)
+
+
+def ema_of(model: torch.nn.Module, args: argparse.Namespace, **overrides) -> EMAModel:
+    """The EMA of diffusers' unconditional example: ``--ema_max_decay`` with the ``--ema_inv_gamma``/``--ema_power``
+    warmup, saved as the model's class and config. ``overrides`` go to ``EMAModel`` (e.g. ``min_decay``)."""
+    settings = dict(decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
+    return EMAModel(
+        model.parameters(), model_cls=type(model), model_config=model.config, **(settings | overrides)
+    )

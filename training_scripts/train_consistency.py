@@ -38,7 +38,6 @@ import argparse
 import copy
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,21 +45,20 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
-from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from immiscible_diffusers import AssignmentStats, assign_noise
+from immiscible_diffusers import AssignmentStats
 from immiscible_diffusers.arguments import (
     LR_SCHEDULERS,
     add_assignment_args,
     add_run_args,
-    assignment_kwargs,
     finish_image_args,
     non_negative_int,
     positive_float,
     positive_int,
     unit_interval_float,
 )
+from immiscible_diffusers.batch_noise import draw_assigned_noise
 from immiscible_diffusers.consistency import (
     ConsistencyDiscretization,
     check_curriculum,
@@ -77,7 +75,7 @@ from immiscible_diffusers.consistency import (
 from immiscible_diffusers.data import DIGITS_DEFAULT_RESOLUTION, image_transform
 from immiscible_diffusers.errors import run_entry_point
 from immiscible_diffusers.models import build_unet as build_default_unet
-from immiscible_diffusers.models import check_unet_resolution
+from immiscible_diffusers.models import check_unet_resolution, ema_of
 from immiscible_diffusers.optimizers import build_optimizer
 from immiscible_diffusers.processes import check_batch_size
 from immiscible_diffusers.randomness import rng_preserved
@@ -433,19 +431,10 @@ def compute_loss(
     The noise and the noise levels are drawn from ``noise_generator`` (torch's global generator when ``None``),
     the KNN candidates from ``knn_generator``.
     """
-    # Sample one noise per image, as in vanilla consistency training.
-    noise = torch.randn(
-        clean_images.shape, dtype=clean_images.dtype, device=clean_images.device, generator=noise_generator
+    # Sample the batch's noise and assign it to the images (Immiscible Diffusion), before anything else is drawn.
+    noise, assigned_noise, stats, assign_seconds = draw_assigned_noise(
+        clean_images, args, knn_generator, noise_generator
     )
-
-    # Immiscible Diffusion: re-pair the batch's noise with its images, once per step. Linear assignment draws
-    # nothing random and KNN draws its candidates from its own generator, so the main random stream (noise
-    # above, noise levels below, data order) is the same for every --assignment: the runs stay comparable.
-    start = time.perf_counter()
-    assigned_noise, stats = assign_noise(
-        clean_images, noise, **assignment_kwargs(args), generator=knn_generator, return_stats=True
-    )
-    assign_seconds = time.perf_counter() - start
 
     # Noise levels are drawn after the assignment (timesteps come after it in the authors' code): pair i is
     # (sigma_i, sigma_{i+skip}), picked with iCT's discretized lognormal probabilities.
@@ -601,17 +590,8 @@ def main(args: argparse.Namespace) -> None:
 
     # An EMA of the student (the weights sampled and saved; never the teacher), moved and checkpointed by the run.
     if args.use_ema:
-        ema_model = EMAModel(
-            model.parameters(),
-            decay=args.ema_max_decay,
-            min_decay=args.ema_max_decay if args.ema_min_decay is None else args.ema_min_decay,
-            use_ema_warmup=args.use_ema_warmup,
-            inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power,
-            model_cls=UNet2DModel,
-            model_config=model.config,
-        )
-        run.track_ema(ema_model)
+        min_decay = args.ema_max_decay if args.ema_min_decay is None else args.ema_min_decay
+        run.track_ema(ema_of(model, args, min_decay=min_decay, use_ema_warmup=args.use_ema_warmup))
     # The original CT's EMA teacher: a separate copy, saved with every checkpoint. iCT's teacher (decay 0) is the
     # student itself, evaluated without gradient in `compute_loss`.
     ema_teacher = None

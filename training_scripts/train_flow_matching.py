@@ -27,23 +27,22 @@ with its code as ``pipeline.py``, so it loads with plain diffusers:
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel, compute_loss_weighting_for_sd3
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from immiscible_diffusers import AssignmentStats, assign_noise
+from immiscible_diffusers import AssignmentStats
 from immiscible_diffusers.arguments import (
     add_assignment_args,
     add_image_training_args,
-    assignment_kwargs,
     finish_image_args,
     positive_float,
     positive_int,
 )
+from immiscible_diffusers.batch_noise import draw_assigned_noise
 from immiscible_diffusers.data import image_transform, with_image_transform
 from immiscible_diffusers.errors import run_entry_point
 from immiscible_diffusers.flow_matching import (
@@ -55,7 +54,7 @@ from immiscible_diffusers.flow_matching import (
     training_sigma_grid,
     validate_weighting_options,
 )
-from immiscible_diffusers.models import build_unet
+from immiscible_diffusers.models import build_unet, ema_of
 from immiscible_diffusers.optimizers import OPTIMIZERS, build_optimizer
 from immiscible_diffusers.run import TrainingRun, load_dataset_from_args, training_dataloader
 
@@ -166,17 +165,8 @@ def compute_loss(
     knn_generator: torch.Generator | None = None,
 ) -> FlowMatchingStep:
     """One flow-matching training step on a batch of clean images in ``[-1, 1]``, with immiscible assignment."""
-    # Sample the noise at the other end of each image's path.
-    noise = torch.randn(clean_images.shape, dtype=clean_images.dtype, device=clean_images.device)
-
-    # Immiscible Diffusion: re-pair the batch's noise with its images. Linear assignment draws nothing
-    # random and KNN draws its candidates from its own generator, so the main random stream (noise above,
-    # sigmas below, data order) is the same for every --assignment: the runs stay comparable.
-    start = time.perf_counter()
-    assigned_noise, stats = assign_noise(
-        clean_images, noise, **assignment_kwargs(args), generator=knn_generator, return_stats=True
-    )
-    assign_seconds = time.perf_counter() - start
+    # Sample the batch's noise and assign it to the images (Immiscible Diffusion), before anything else is drawn.
+    noise, assigned_noise, stats, assign_seconds = draw_assigned_noise(clean_images, args, knn_generator)
 
     # Sigmas are drawn after the assignment, as timesteps are in the authors' code.
     sigmas = sample_training_sigmas(
@@ -285,16 +275,7 @@ def main(args: argparse.Namespace) -> None:
     # Initialize the model, and an EMA of its weights (moved and checkpointed with it by the run).
     model = build_unet(args)
     if args.use_ema:
-        ema_model = EMAModel(
-            model.parameters(),
-            decay=args.ema_max_decay,
-            use_ema_warmup=True,
-            inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power,
-            model_cls=UNet2DModel,
-            model_config=model.config,
-        )
-        run.track_ema(ema_model)
+        run.track_ema(ema_of(model, args))
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if args.allow_tf32:

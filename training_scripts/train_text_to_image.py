@@ -51,13 +51,13 @@ from immiscible_diffusers.arguments import (
     positive_float,
     positive_int,
 )
-from immiscible_diffusers.data import dataset_display_name, image_transform, load_image_dataset
+from immiscible_diffusers.data import dataset_display_name, image_transform
 from immiscible_diffusers.errors import run_entry_point
 from immiscible_diffusers.latent import PREDICTION_TYPES, NoisedLatents, prepare_noise_and_target, snr_weighted_mse
 from immiscible_diffusers.model_card import training_card_metadata, write_model_card
 from immiscible_diffusers.optimizers import build_optimizer
 from immiscible_diffusers.processes import check_batch_size
-from immiscible_diffusers.run import TrainingRun, training_dataloader
+from immiscible_diffusers.run import CARD_SETTINGS, TrainingRun, load_dataset_from_args, training_dataloader
 from immiscible_diffusers.training import save_sample_grid, save_training_config
 
 logger = get_logger(__name__, log_level="INFO")
@@ -272,15 +272,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def load_captioned_dataset(args: argparse.Namespace):
     """The training split with ``--image_column`` images and ``--caption_column`` captions (checked)."""
-    dataset = load_image_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir,
-        image_column=args.image_column,
-        cache_dir=args.cache_dir,
-        max_train_samples=args.max_train_samples,
-        seed=args.seed,
-    )
+    dataset = load_dataset_from_args(args)
     if args.dataset_name is None and args.train_data_dir is None and args.caption_column not in dataset.column_names:
         captions = [DIGITS_CAPTION.format(label=label) for label in dataset["label"]]
         dataset = dataset.add_column(args.caption_column, captions)
@@ -563,28 +555,8 @@ from diffusers import StableDiffusionPipeline
 image = pipeline({prompt!r}).images[0]
 image.save("image.png")
 """
-    settings = (
-        "pretrained_model_name_or_path",
-        "rank",
-        "assignment",
-        "knn_k",
-        "assignment_distance",
-        "assignment_dtype",
-        "assignment_scope",
-        "prediction_type",
-        "noise_offset",
-        "input_perturbation",
-        "snr_gamma",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "resolution",
-        "learning_rate",
-        "lr_scheduler",
-        "lr_warmup_steps",
-        "use_ema",
-        "mixed_precision",
-        "seed",
-    )
+    settings = ("pretrained_model_name_or_path", "rank", *CARD_SETTINGS, "prediction_type", "noise_offset",
+                "input_perturbation", "snr_gamma")  # fmt: skip
     what = f"LoRA adapters (rank {args.rank}) for the UNet of" if lora else "A fine-tune of"
     is_local = os.path.isdir(base)
     write_model_card(

@@ -19,27 +19,25 @@ Multi-process: ``accelerate launch --num_processes 2 ...`` or ``torchrun --nproc
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 
-from immiscible_diffusers import AssignmentStats, assign_noise
+from immiscible_diffusers import AssignmentStats
 from immiscible_diffusers.arguments import (
     add_assignment_args,
     add_image_training_args,
-    assignment_kwargs,
     finish_image_args,
     positive_int,
     uses_digits,
 )
+from immiscible_diffusers.batch_noise import draw_assigned_noise
 from immiscible_diffusers.data import image_transform, with_image_transform
 from immiscible_diffusers.errors import run_entry_point
-from immiscible_diffusers.models import build_unet
+from immiscible_diffusers.models import build_unet, ema_of
 from immiscible_diffusers.run import TrainingRun, load_dataset_from_args, training_dataloader
 
 SCRIPT_NAME = "train_unconditional.py"
@@ -103,17 +101,8 @@ def compute_loss(
     knn_generator: torch.Generator | None = None,
 ) -> TrainingStep:
     """One diffusion training step on a batch of clean images in ``[-1, 1]``, with immiscible assignment."""
-    # Sample noise to add to the images, as in vanilla DDPM training.
-    noise = torch.randn(clean_images.shape, dtype=clean_images.dtype, device=clean_images.device)
-
-    # Immiscible Diffusion: re-pair the batch's noise with its images. Linear assignment draws nothing
-    # random and KNN draws its candidates from its own generator, so the main random stream (noise above,
-    # timesteps below, data order) is the same for every --assignment: the runs stay comparable.
-    start = time.perf_counter()
-    assigned_noise, stats = assign_noise(
-        clean_images, noise, **assignment_kwargs(args), generator=knn_generator, return_stats=True
-    )
-    assign_seconds = time.perf_counter() - start
+    # Sample the batch's noise and assign it to the images (Immiscible Diffusion), before anything else is drawn.
+    noise, assigned_noise, stats, assign_seconds = draw_assigned_noise(clean_images, args, knn_generator)
 
     # Timesteps are drawn after the assignment, as in the authors' code.
     bsz = clean_images.shape[0]
@@ -206,16 +195,7 @@ def main(args: argparse.Namespace) -> None:
     # Initialize the model, and an EMA of its weights (moved and checkpointed with it by the run).
     model = build_unet(args)
     if args.use_ema:
-        ema_model = EMAModel(
-            model.parameters(),
-            decay=args.ema_max_decay,
-            use_ema_warmup=True,
-            inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power,
-            model_cls=UNet2DModel,
-            model_config=model.config,
-        )
-        run.track_ema(ema_model)
+        run.track_ema(ema_of(model, args))
 
     # The stock scheduler: the assignment happens explicitly in `compute_loss`, and the saved pipeline
     # loads with plain diffusers.

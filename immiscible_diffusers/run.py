@@ -36,7 +36,7 @@ from .checkpoints import (
     save_checkpoint,
     set_aside_newer_checkpoints,
 )
-from .data import dataset_display_name, load_image_dataset
+from .data import dataset_display_name, image_transform, load_image_dataset, with_image_transform
 from .hub import create_hub_repo, push_output_dir
 from .logs import StepAccumulator, TrainLog
 from .model_card import training_card_metadata, write_model_card
@@ -57,6 +57,14 @@ CARD_SETTINGS = (
     "gradient_accumulation_steps", "resolution", "learning_rate", "lr_scheduler", "lr_warmup_steps", "use_ema",
     "mixed_precision", "seed",
 )  # fmt: skip
+
+
+def as_loss_and_record(result) -> tuple[torch.Tensor, StepRecord]:
+    """A step function's result as ``(loss, record)``: a pair already, or a step object with ``loss``,
+    ``assignment_stats``, ``assign_seconds``, ``clean_images`` and ``draws`` (what the main stream drew)."""
+    if isinstance(result, tuple):
+        return result
+    return result.loss, (result.assignment_stats, result.assign_seconds, result.clean_images, result.draws)
 
 
 def load_dataset_from_args(args: argparse.Namespace):
@@ -93,6 +101,15 @@ def training_dataloader(
         collate_fn=collate_fn,
     )
     return loader, generator
+
+
+def image_dataloader(
+    args: argparse.Namespace, num_channels: int, num_processes: int
+) -> tuple[torch.utils.data.DataLoader, torch.Generator | None]:
+    """The loader of ``{"input": image tensor}`` batches of the pixel-space scripts, and its data-order generator."""
+    transform = image_transform(args.resolution, args.center_crop, args.random_flip, num_channels)
+    dataset = with_image_transform(load_dataset_from_args(args), args.image_column, transform)
+    return training_dataloader(dataset, args, num_processes)
 
 
 class TrainingRun:
@@ -287,7 +304,7 @@ class TrainingRun:
     ) -> None:
         """The optimizer-step loop.
 
-        ``step_fn(batch)`` computes one micro-batch's loss and its record; ``after_step(global_step)`` runs on
+        ``step_fn(batch)`` computes one micro-batch's loss and its record (see ``as_loss_and_record``); ``after_step(global_step)`` runs on
         every process after each optimizer step (before its checkpoint); ``after_epoch(epoch)`` on the main
         process after each epoch but the last, with the random state preserved (a resumed run skips it).
         """
@@ -321,7 +338,7 @@ class TrainingRun:
                         )
                 micro_step += 1
                 with accelerator.accumulate(model):
-                    loss, record = step_fn(batch)
+                    loss, record = as_loss_and_record(step_fn(batch))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(clip_parameters, args.max_grad_norm)

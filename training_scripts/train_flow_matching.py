@@ -43,7 +43,6 @@ from immiscible_diffusers.arguments import (
     positive_int,
 )
 from immiscible_diffusers.batch_noise import draw_assigned_noise
-from immiscible_diffusers.data import image_transform, with_image_transform
 from immiscible_diffusers.errors import run_entry_point
 from immiscible_diffusers.flow_matching import (
     WEIGHTING_SCHEMES,
@@ -56,7 +55,8 @@ from immiscible_diffusers.flow_matching import (
 )
 from immiscible_diffusers.models import build_unet, ema_of
 from immiscible_diffusers.optimizers import OPTIMIZERS, build_optimizer
-from immiscible_diffusers.run import TrainingRun, load_dataset_from_args, training_dataloader
+from immiscible_diffusers.run import TrainingRun, image_dataloader
+from immiscible_diffusers.sampling import sample_images
 
 SCRIPT_NAME = "train_flow_matching.py"
 # What the UNet predicts, in diffusers' name for it (DPMSolver/UniPC call `noise - x` "flow_prediction").
@@ -128,9 +128,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             "loss of rectified-flow training from scratch. The model predicts the velocity either way."
         ),
     )
-    flow.add_argument(
-        "--num_inference_steps", type=positive_int, default=50, help="Euler steps for the sample grids."
-    )
+    flow.add_argument("--num_inference_steps", type=positive_int, default=50, help="Euler steps for the sample grids.")
     add_assignment_args(parser)
     args = finish_image_args(parser, parser.parse_args(input_args))
     try:
@@ -155,6 +153,12 @@ class FlowMatchingStep:
     weighting: torch.Tensor
     assignment_stats: AssignmentStats
     assign_seconds: float
+    clean_images: torch.Tensor | None = None
+
+    @property
+    def draws(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the main random stream drew (fingerprinted in train_log.csv): the noise, then the sigmas."""
+        return self.noise_before_assignment, self.sigmas
 
 
 def compute_loss(
@@ -207,6 +211,7 @@ def compute_loss(
         weighting=weighting,
         assignment_stats=stats,
         assign_seconds=assign_seconds,
+        clean_images=clean_images,
     )
 
 
@@ -217,14 +222,7 @@ def generate_samples(
     # A scheduler of its own: `set_timesteps` would otherwise change the training scheduler's state.
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
     pipeline = FlowMatchingPipeline(unet=unet, scheduler=scheduler)
-    pipeline.set_progress_bar_config(desc="sampling", leave=False)
-    generator = torch.Generator(device=device).manual_seed(0)
-    return pipeline(
-        generator=generator,
-        batch_size=args.eval_batch_size,
-        num_inference_steps=args.num_inference_steps,
-        output_type="pil",
-    ).images
+    return sample_images(pipeline, args.eval_batch_size, args.num_inference_steps, device)
 
 
 def save_pipeline_with_card(
@@ -286,23 +284,24 @@ def main(args: argparse.Namespace) -> None:
     noise_scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=args.num_train_timesteps, shift=args.flow_shift
     )
-    sigma_grid = training_sigma_grid(noise_scheduler.config).to(run.device)
     optimizer = build_optimizer(model.parameters(), args, args.optimizer)
 
-    # Get the dataset (a Hub dataset, an image folder, or the bundled digits) and its loader.
-    dataset = load_dataset_from_args(args)
-    transform = image_transform(args.resolution, args.center_crop, args.random_flip, model.config.in_channels)
-    dataset = with_image_transform(dataset, args.image_column, transform)
-    train_dataloader, data_generator = training_dataloader(dataset, args, run.accelerator.num_processes)
+    # The data (a Hub dataset, an image folder, or the bundled digits) as [-1, 1] tensors, and its loader.
+    num_processes, num_channels = run.accelerator.num_processes, model.config.in_channels
+    train_dataloader, data_generator = image_dataloader(args, num_channels, num_processes)
     model, optimizer, train_dataloader, lr_scheduler = run.prepare(
         model, optimizer, train_dataloader, num_epochs=args.num_epochs, data_generator=data_generator
     )
+    sigma_grid = training_sigma_grid(noise_scheduler.config).to(run.device)
 
-    def train_step(batch: dict) -> tuple:
-        clean_images = batch["input"]
-        step = compute_loss(model, sigma_grid, clean_images, args, run.knn_generator)
-        draws = (step.noise_before_assignment, step.sigmas)
-        return step.loss, (step.assignment_stats, step.assign_seconds, clean_images, draws)
+    def generate(unet: UNet2DModel) -> list:
+        return generate_samples(unet, noise_scheduler, args, run.device)
+
+    def save(unet: UNet2DModel, grid: Path | None) -> None:
+        save_pipeline_with_card(run, unet, noise_scheduler, grid)
+
+    def train_step(batch: dict) -> FlowMatchingStep:
+        return compute_loss(model, sigma_grid, batch["input"], args, run.knn_generator)
 
     def save_models(folder: Path) -> None:
         # The scheduler too, so that each checkpoint says how to sample it even before the final pipeline exists.
@@ -310,12 +309,6 @@ def main(args: argparse.Namespace) -> None:
         noise_scheduler.save_pretrained(folder / "scheduler")
 
     run.save_models = save_models
-
-    def generate(unet: UNet2DModel) -> list:
-        return generate_samples(unet, noise_scheduler, args, run.device)
-
-    def save(unet: UNet2DModel, grid: Path | None) -> None:
-        save_pipeline_with_card(run, unet, noise_scheduler, grid)
 
     run.train(train_step, after_epoch=run.periodic_saves(generate, save))
     run.finish(lambda: run.save_final(generate, save))

@@ -35,10 +35,10 @@ from immiscible_diffusers.arguments import (
     uses_digits,
 )
 from immiscible_diffusers.batch_noise import draw_assigned_noise
-from immiscible_diffusers.data import image_transform, with_image_transform
 from immiscible_diffusers.errors import run_entry_point
 from immiscible_diffusers.models import build_unet, ema_of
-from immiscible_diffusers.run import TrainingRun, load_dataset_from_args, training_dataloader
+from immiscible_diffusers.run import TrainingRun, image_dataloader
+from immiscible_diffusers.sampling import sample_images
 
 SCRIPT_NAME = "train_unconditional.py"
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -91,6 +91,12 @@ class TrainingStep:
     model_output: torch.Tensor
     assignment_stats: AssignmentStats
     assign_seconds: float
+    clean_images: torch.Tensor | None = None
+
+    @property
+    def draws(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the main random stream drew (fingerprinted in train_log.csv): the noise, then the timesteps."""
+        return self.noise_before_assignment, self.timesteps
 
 
 def compute_loss(
@@ -137,6 +143,7 @@ def compute_loss(
         model_output=model_output,
         assignment_stats=stats,
         assign_seconds=assign_seconds,
+        clean_images=clean_images,
     )
 
 
@@ -146,14 +153,7 @@ def generate_samples(unet: UNet2DModel, noise_scheduler: DDPMScheduler, args: ar
         pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
     else:
         pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-    pipeline.set_progress_bar_config(desc="sampling", leave=False)
-    generator = torch.Generator(device=device).manual_seed(0)
-    return pipeline(
-        generator=generator,
-        batch_size=args.eval_batch_size,
-        num_inference_steps=args.ddpm_num_inference_steps,
-        output_type="pil",
-    ).images
+    return sample_images(pipeline, args.eval_batch_size, args.ddpm_num_inference_steps, device)
 
 
 def save_pipeline_with_card(run: TrainingRun, unet: UNet2DModel, noise_scheduler: DDPMScheduler, grid: Path | None):
@@ -212,20 +212,15 @@ def main(args: argparse.Namespace) -> None:
         eps=args.adam_epsilon,
     )
 
-    # Get the dataset (a Hub dataset, an image folder, or the bundled digits) and its loader.
-    dataset = load_dataset_from_args(args)
-    transform = image_transform(args.resolution, args.center_crop, args.random_flip, model.config.in_channels)
-    dataset = with_image_transform(dataset, args.image_column, transform)
-    train_dataloader, data_generator = training_dataloader(dataset, args, run.accelerator.num_processes)
+    # The data (a Hub dataset, an image folder, or the bundled digits) as [-1, 1] tensors, and its loader.
+    num_processes, num_channels = run.accelerator.num_processes, model.config.in_channels
+    train_dataloader, data_generator = image_dataloader(args, num_channels, num_processes)
     model, optimizer, train_dataloader, lr_scheduler = run.prepare(
         model, optimizer, train_dataloader, num_epochs=args.num_epochs, data_generator=data_generator
     )
 
-    def train_step(batch: dict) -> tuple:
-        clean_images = batch["input"]
-        step = compute_loss(model, noise_scheduler, clean_images, args, run.knn_generator)
-        draws = (step.noise_before_assignment, step.timesteps)
-        return step.loss, (step.assignment_stats, step.assign_seconds, clean_images, draws)
+    def train_step(batch: dict) -> TrainingStep:
+        return compute_loss(model, noise_scheduler, batch["input"], args, run.knn_generator)
 
     def generate(unet: UNet2DModel) -> list:
         return generate_samples(unet, noise_scheduler, args, run.device)

@@ -304,9 +304,10 @@ class TrainingRun:
     ) -> None:
         """The optimizer-step loop.
 
-        ``step_fn(batch)`` computes one micro-batch's loss and its record (see ``as_loss_and_record``); ``after_step(global_step)`` runs on
-        every process after each optimizer step (before its checkpoint); ``after_epoch(epoch)`` on the main
-        process after each epoch but the last, with the random state preserved (a resumed run skips it).
+        ``step_fn(batch)`` computes one micro-batch's loss and its record (see ``as_loss_and_record``);
+        ``after_step(global_step)`` runs on every process after each optimizer step (before its checkpoint);
+        ``after_epoch(epoch)`` on the main process after each epoch but the last, with the random state
+        preserved (a resumed run skips it).
         """
         args, accelerator, model = self.args, self.accelerator, self.model
         clip_parameters = list(model.parameters()) if clip_parameters is None else clip_parameters

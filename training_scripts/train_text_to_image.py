@@ -596,6 +596,55 @@ image.save("image.png")
 # --------------------------------------------------------------------------------------------------
 
 
+def checkpoint_in_diffusers_format(run: TrainingRun, unet, ema_unet: EMAModel | None, lora: bool, weight_dtype) -> None:
+    """Checkpoints hold the UNet in diffusers' format only (``unet/`` and ``unet_ema/``, or the LoRA weights), not
+    a second copy in accelerate's: these hooks skip accelerate's own copy and read the diffusers one on resume."""
+    accelerator = run.accelerator
+
+    def save_model_hook(models, weights, folder):
+        while weights:
+            weights.pop()
+
+    def load_model_hook(models, folder):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            if lora:
+                load_lora_weights_into(model, folder)
+                if weight_dtype != torch.float32:
+                    cast_training_params(model, dtype=torch.float32)
+            else:
+                loaded = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+                model.load_state_dict(loaded.state_dict())
+                del loaded
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), UNet2DConditionModel)
+            ema_unet.load_state_dict(loaded.state_dict())
+            del loaded
+
+    def save_models(folder: Path) -> None:
+        if lora:
+            save_lora_weights(folder, accelerator.unwrap_model(unet))
+            return
+        accelerator.unwrap_model(unet).save_pretrained(folder / "unet")
+        if ema_unet is not None:
+            ema_unet.save_pretrained(folder / "unet_ema")
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    run.save_models = save_models
+
+
+def quiet_libraries_off_the_main_process(accelerator) -> None:
+    """Library logs: warnings on the local main process (diffusers' info too), errors only elsewhere."""
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        for library in (datasets, transformers, diffusers):
+            library.utils.logging.set_verbosity_error()
+
+
 def main(args: argparse.Namespace) -> None:
     # Checked before anything is built, so that a mistyped path fails at once.
     check_pretrained_path(args.pretrained_model_name_or_path)
@@ -606,13 +655,7 @@ def main(args: argparse.Namespace) -> None:
     accelerator = run.accelerator
     # Recorded as resolved: the flag defaults to accelerate's config.
     args.mixed_precision = accelerator.mixed_precision
-    if accelerator.is_local_main_process:
-        datasets.utils.logging.set_verbosity_warning()
-        transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
-    else:
-        for library in (datasets, transformers, diffusers):
-            library.utils.logging.set_verbosity_error()
+    quiet_libraries_off_the_main_process(accelerator)
 
     # Load scheduler, tokenizer and models. Training uses a DDPMScheduler with the pretrained schedule; the
     # saved pipeline keeps the pretrained (stock) inference scheduler.
@@ -681,44 +724,7 @@ def main(args: argparse.Namespace) -> None:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    def unwrap(model):
-        return accelerator.unwrap_model(model)
-
-    # Checkpoints hold the UNet in diffusers' format only (written by `save_models` below: `unet/` and
-    # `unet_ema/`, or the LoRA weights), not a second copy in accelerate's: these hooks skip accelerate's
-    # own copy and read the diffusers-format one back on resume.
-    def save_model_hook(models, weights, folder):
-        while weights:
-            weights.pop()
-
-    def load_model_hook(models, folder):
-        while models:
-            model = unwrap(models.pop())
-            if lora:
-                load_lora_weights_into(model, folder)
-                if weight_dtype != torch.float32:
-                    cast_training_params(model, dtype=torch.float32)
-            else:
-                loaded = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-                model.load_state_dict(loaded.state_dict())
-                del loaded
-        if ema_unet is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), UNet2DConditionModel)
-            ema_unet.load_state_dict(loaded.state_dict())
-            del loaded
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    def save_models(folder: Path) -> None:
-        if lora:
-            save_lora_weights(folder, unwrap(unet))
-            return
-        unwrap(unet).save_pretrained(folder / "unet")
-        if ema_unet is not None:
-            ema_unet.save_pretrained(folder / "unet_ema")
-
-    run.save_models = save_models
+    checkpoint_in_diffusers_format(run, unet, ema_unet, lora, weight_dtype)
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -756,7 +762,7 @@ def main(args: argparse.Namespace) -> None:
         log_validation_images(images, run.output_dir, run.global_step, accelerator, args)
 
     def save_final() -> None:
-        trained_unet = unwrap(unet)
+        trained_unet = accelerator.unwrap_model(unet)
         if lora:
             save_lora_weights(run.output_dir, trained_unet)
             # As a user would: the base pipeline plus the saved file, which this also checks.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import script_env
 from immiscible_diffusers import assign_noise
 from immiscible_diffusers.flow_matching import (
     WEIGHTING_SCHEMES,
@@ -60,14 +60,8 @@ RUNS = {
 STEPS = 4
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env | extra
-
-
 def _run(command: list[str], timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(command, env=script_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
@@ -102,15 +96,6 @@ def trained(tmp_path_factory):
         return done[name]
 
     return get
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # --------------------------------------------------------------------------------------------------

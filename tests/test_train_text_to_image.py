@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import script_env
 from immiscible_diffusers import assign_noise
 from immiscible_diffusers.latent import prepare_noise_and_target, snr_weighted_mse
 from immiscible_diffusers.model_card import REQUIRED_CARD_KEYS, read_card_metadata
@@ -170,17 +171,8 @@ def images(tmp_path_factory) -> Path:
     return make_captioned_digits(tmp_path_factory.mktemp("captioned") / "digits")
 
 
-def _env(**overrides: str) -> dict[str, str]:
-    import os
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    env.update(overrides)
-    return {key: value for key, value in env.items() if value}
-
-
 def _run(command: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(command, env=script_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
@@ -240,16 +232,6 @@ def _load_script():
 @pytest.fixture(scope="module")
 def script():
     return _load_script()
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """In-process runs build an Accelerator: start and leave with accelerate's singletons reset."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

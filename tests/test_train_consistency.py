@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import script_env
+from conftest import run_command, script_env
 from immiscible_diffusers import assign_noise
 from immiscible_diffusers.consistency import (
     ConsistencyDiscretization,
@@ -73,23 +73,7 @@ RUNS = {
 
 def _run(command: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
     """Run ``command``; on a timeout kill its whole process group (torchrun's workers too), then fail."""
-    process = subprocess.Popen(
-        command,
-        env=script_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{command} timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
-    assert process.returncode == 0, f"{command} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_command(command, timeout)
 
 
 def _command(output_dir: Path, name: str) -> list[str]:

@@ -99,24 +99,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             "'none' is uniform and unweighted."
         ),
     )
-    flow.add_argument(
-        "--logit_mean",
-        type=float,
-        default=0.0,
-        help=(
-            "Mean of the 'logit_normal' scheme's normal. As in diffusers' SD3 scripts sigma is about 1 - sigmoid(n), "
-            "so a positive mean favours low noise."
-        ),
-    )
-    flow.add_argument(
-        "--logit_std", type=float, default=1.0, help="Standard deviation of the 'logit_normal' scheme's normal (> 0)."
-    )
-    flow.add_argument(
-        "--mode_scale",
-        type=float,
-        default=1.29,
-        help="Scale of the 'mode' scheme's density (SD3 paper), in [-1, 1.75]; used by --weighting_scheme mode only.",
-    )
+    # The density parameters of the SD3 scripts' sigma sampling.
+    for flag, default, help_text in (
+        ("--logit_mean", 0.0, "Mean of the 'logit_normal' scheme's normal. As in diffusers' SD3 scripts sigma is "
+                              "about 1 - sigmoid(n), so a positive mean favours low noise."),
+        ("--logit_std", 1.0, "Standard deviation of the 'logit_normal' scheme's normal (> 0)."),
+        ("--mode_scale", 1.29, "Scale of the 'mode' scheme's density (SD3 paper), in [-1, 1.75]; used by "
+                               "--weighting_scheme mode only."),
+    ):  # fmt: skip
+        flow.add_argument(flag, type=float, default=default, help=help_text)
     flow.add_argument(
         "--precondition_outputs",
         type=int,

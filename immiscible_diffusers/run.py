@@ -132,7 +132,7 @@ class TrainingRun:
         self.output_dir = Path(args.output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ValueError(f"--output_dir {args.output_dir!r} is a file, not a folder")
-        if report_to in ("wandb", "all") and args.hub_token is not None:
+        if (report_to == "wandb" or (report_to == "all" and is_wandb_available())) and args.hub_token is not None:
             raise ValueError("--hub_token with wandb would expose the token; log in with `hf auth login` instead")
         if report_to == "wandb" and not is_wandb_available():
             raise ImportError("--report_to wandb needs wandb: pip install wandb")

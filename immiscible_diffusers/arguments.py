@@ -150,17 +150,25 @@ def add_image_training_args(parser: argparse.ArgumentParser, output_dir: str) ->
     add("--learning_rate", type=float, default=1e-4)
     add("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS)
     add("--lr_warmup_steps", type=non_negative_int, default=500)
-    add("--adam_beta1", type=float, default=0.95)
-    add("--adam_beta2", type=float, default=0.999)
-    add("--adam_weight_decay", type=float, default=1e-6)
-    add("--adam_epsilon", type=float, default=1e-08)
-    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    add_adam_args(parser)
     add("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
     add("--ema_inv_gamma", type=float, default=1.0, help="EMA warmup: inverse multiplicative factor.")
     add("--ema_power", type=float, default=3 / 4, help="EMA warmup: power.")
     add("--ema_max_decay", type=float, default=0.9999, help="The largest EMA decay.")
     add("--mixed_precision", type=str, default="no", choices=("no", "fp16", "bf16"))
     add_run_args(parser, logger_flag=True)
+
+
+def add_adam_args(
+    parser: argparse.ArgumentParser, beta1: float = 0.95, weight_decay: float = 1e-6, grad_norm_type=float
+) -> None:
+    """The optimizer's ``--adam_*`` flags and ``--max_grad_norm`` (defaults: diffusers' unconditional example)."""
+    add = parser.add_argument
+    add("--adam_beta1", type=float, default=beta1)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=weight_decay)
+    add("--adam_epsilon", type=float, default=1e-08)
+    add("--max_grad_norm", type=grad_norm_type, default=1.0, help="Gradient clipping norm.")
 
 
 def add_run_args(parser: argparse.ArgumentParser, logger_flag: bool = False) -> None:

@@ -50,6 +50,7 @@ from PIL import Image
 from immiscible_diffusers import AssignmentStats
 from immiscible_diffusers.arguments import (
     LR_SCHEDULERS,
+    add_adam_args,
     add_assignment_args,
     add_run_args,
     finish_image_args,
@@ -90,57 +91,31 @@ SCRIPT_NAME = "train_consistency.py"
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # ------------ Model ------------
-    parser.add_argument(
-        "--model_config_name_or_path",
-        type=str,
-        default=None,
-        help="A UNet2DModel config (folder, file or Hub id). Default: a small UNet sized by the --unet_* flags.",
-    )
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        default=None,
-        help="Start from these UNet weights (a pipeline folder or Hub id with a unet/ subfolder), not from scratch.",
-    )
+    parser.add_argument("--model_config_name_or_path", type=str, default=None,
+                        help="A UNet2DModel config (folder, file or Hub id). Default: a small UNet sized by the "
+                             "--unet_* flags.")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                        help="Start from these UNet weights (a pipeline folder or Hub id with a unet/ subfolder), not "
+                             "from scratch.")
     parser.add_argument("--revision", type=str, default=None, help="Revision of --pretrained_model_name_or_path.")
     parser.add_argument("--variant", type=str, default=None, help="Weights variant of --pretrained_model_name_or_path.")
-    parser.add_argument(
-        "--unet_block_out_channels",
-        type=str,
-        default="32,64,64",
-        help="Widths of the default UNet's levels, comma-separated (ignored with a model config or pretrained model).",
-    )
-    parser.add_argument(
-        "--unet_layers_per_block", type=positive_int, default=1, help="ResNet layers per level of the default UNet."
-    )
-    parser.add_argument(
-        "--unet_dropout",
-        type=unit_interval_float,
-        default=0.0,
-        help="Dropout of the default UNet (iCT uses 0.3 on CIFAR-10).",
-    )
+    parser.add_argument("--unet_block_out_channels", type=str, default="32,64,64",
+                        help="Widths of the default UNet's levels, comma-separated (ignored with a model config or "
+                             "pretrained model).")
+    parser.add_argument("--unet_layers_per_block", type=positive_int, default=1,
+                        help="ResNet layers per level of the default UNet.")
+    parser.add_argument("--unet_dropout", type=unit_interval_float, default=0.0,
+                        help="Dropout of the default UNet (iCT uses 0.3 on CIFAR-10).")
     # ------------ Data ------------
-    parser.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help=(
-            "A dataset on the Hub (or a local dataset folder) to train on. Without it and without "
-            "--train_data_dir, the script trains on scikit-learn's bundled handwritten digits (offline)."
-        ),
-    )
+    parser.add_argument("--dataset_name", type=str, default=None,
+                        help="A dataset on the Hub (or a local dataset folder) to train on. Without it and without "
+                             "--train_data_dir, the script trains on scikit-learn's bundled handwritten digits "
+                             "(offline).")
     parser.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Hub dataset.")
-    parser.add_argument(
-        "--train_data_dir", type=str, default=None, help="A folder of training images (read as an imagefolder)."
-    )
-    parser.add_argument(
-        "--image_column",
-        "--dataset_image_column_name",
-        dest="image_column",
-        type=str,
-        default="image",
-        help="The dataset column holding the images.",
-    )
+    parser.add_argument("--train_data_dir", type=str, default=None,
+                        help="A folder of training images (read as an imagefolder).")
+    parser.add_argument("--image_column", "--dataset_image_column_name", dest="image_column", type=str, default="image",
+                        help="The dataset column holding the images.")
     parser.add_argument(
         "--class_label_column",
         "--dataset_class_label_column_name",
@@ -149,12 +124,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default="label",
         help="With --class_conditional: the dataset column holding the integer class labels.",
     )
-    parser.add_argument(
-        "--max_train_samples",
-        type=positive_int,
-        default=None,
-        help="Train on this many examples only (picked after a shuffle with --seed), for debugging or quick runs.",
-    )
+    parser.add_argument("--max_train_samples", type=positive_int, default=None,
+                        help="Train on this many examples only (picked after a shuffle with --seed), for debugging or "
+                             "quick runs.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets are cached.")
     parser.add_argument(
         "--resolution",
@@ -162,151 +134,82 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"Side of the square training images. Default: {DIGITS_DEFAULT_RESOLUTION} for the digits, 64 otherwise.",
     )
-    parser.add_argument(
-        "--center_crop", action="store_true", help="Crop the center of each image (default: a random crop)."
-    )
+    parser.add_argument("--center_crop", action="store_true",
+                        help="Crop the center of each image (default: a random crop).")
     parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
-    parser.add_argument(
-        "--num_channels",
-        type=int,
-        default=None,
-        choices=(1, 3),
-        help="1 (grayscale) or 3 (RGB). Default: the model config's in_channels, else 1 for the digits, 3 otherwise.",
-    )
-    parser.add_argument(
-        "--class_conditional",
-        action="store_true",
-        help="Train a class-conditional model on the labels of --class_label_column (UNet2DModel num_class_embeds).",
-    )
-    parser.add_argument(
-        "--num_classes",
-        type=positive_int,
-        default=None,
-        help="With --class_conditional: the number of classes (default: read from the dataset's labels).",
-    )
-    parser.add_argument(
-        "--class_embed_type",
-        type=str,
-        default=None,
-        choices=("timestep", "identity"),
-        help="With --class_conditional: UNet2DModel's class_embed_type (default: a learned embedding per class).",
-    )
-    parser.add_argument(
-        "--dataloader_num_workers",
-        type=non_negative_int,
-        default=0,
-        help="Subprocesses that load data (0: in the main process, best on CPU).",
-    )
+    parser.add_argument("--num_channels", type=int, default=None, choices=(1, 3),
+                        help="1 (grayscale) or 3 (RGB). Default: the model config's in_channels, else 1 for the "
+                             "digits, 3 otherwise.")
+    parser.add_argument("--class_conditional", action="store_true",
+                        help="Train a class-conditional model on the labels of --class_label_column (UNet2DModel "
+                             "num_class_embeds).")
+    parser.add_argument("--num_classes", type=positive_int, default=None,
+                        help="With --class_conditional: the number of classes (default: read from the dataset's "
+                             "labels).")
+    parser.add_argument("--class_embed_type", type=str, default=None, choices=("timestep", "identity"),
+                        help="With --class_conditional: UNet2DModel's class_embed_type (default: a learned embedding "
+                             "per class).")
+    parser.add_argument("--dataloader_num_workers", type=non_negative_int, default=0,
+                        help="Subprocesses that load data (0: in the main process, best on CPU).")
     # ------------ Training ------------
-    parser.add_argument(
-        "--output_dir", type=str, default="cm-immiscible", help="Where the pipeline and checkpoints go."
-    )
+    parser.add_argument("--output_dir", type=str, default="cm-immiscible",
+                        help="Where the pipeline and checkpoints go.")
     parser.add_argument("--train_batch_size", type=positive_int, default=16, help="Batch size per process.")
     parser.add_argument("--num_epochs", "--num_train_epochs", dest="num_epochs", type=positive_int, default=100)
-    parser.add_argument(
-        "--max_train_steps",
-        type=positive_int,
-        default=None,
-        help="Total optimizer steps; overrides --num_epochs when given. The curriculum is laid out over it.",
-    )
+    parser.add_argument("--max_train_steps", type=positive_int, default=None,
+                        help="Total optimizer steps; overrides --num_epochs when given. The curriculum is laid out "
+                             "over it.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet.")
     parser.add_argument("--learning_rate", type=positive_float, default=1e-4)
-    parser.add_argument(
-        "--scale_lr",
-        action="store_true",
-        help="Multiply the learning rate by processes x gradient accumulation x batch size.",
-    )
+    parser.add_argument("--scale_lr", action="store_true",
+                        help="Multiply the learning rate by processes x gradient accumulation x batch size.")
     parser.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS)
     parser.add_argument("--lr_warmup_steps", type=non_negative_int, default=500)
-    parser.add_argument(
-        "--optimizer_type", type=str, default="adamw", choices=("adamw", "radam"), help="iCT uses RAdam."
-    )
-    parser.add_argument("--adam_beta1", type=float, default=0.95)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-6)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
-    parser.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument("--optimizer_type", type=str, default="adamw", choices=("adamw", "radam"),
+                        help="iCT uses RAdam.")
+    add_adam_args(parser, grad_norm_type=positive_float)
     parser.add_argument("--mixed_precision", type=str, default="no", choices=("no", "fp16", "bf16"))
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
     # ------------ Consistency training ------------
     ct = parser.add_argument_group("consistency training (iCT)")
-    ct.add_argument(
-        "--prediction_type",
-        type=str,
-        default="sample",
-        choices=("sample",),
-        help="The consistency function predicts the clean sample (the only choice, as in the example).",
-    )
+    ct.add_argument("--prediction_type", type=str, default="sample", choices=("sample",),
+                    help="The consistency function predicts the clean sample (the only choice, as in the example).")
     ct.add_argument("--sigma_min", type=positive_float, default=0.002, help="Smallest noise level (the boundary).")
     ct.add_argument("--sigma_max", type=positive_float, default=80.0, help="Largest noise level (the prior's std).")
     ct.add_argument("--rho", type=positive_float, default=7.0, help="rho of the Karras noise-level discretization.")
-    ct.add_argument(
-        "--huber_c",
-        type=positive_float,
-        default=None,
-        help="Pseudo-Huber constant c. Default: iCT's 0.00054 * sqrt(d), d = channels x resolution^2.",
-    )
-    ct.add_argument(
-        "--discretization_s_0",
-        type=positive_int,
-        default=10,
-        help="Noise-level intervals at the start of the curriculum N(k) (doubled over training up to s_1).",
-    )
-    ct.add_argument(
-        "--discretization_s_1",
-        type=positive_int,
-        default=1280,
-        help="Noise-level intervals at the end of the curriculum N(k).",
-    )
-    ct.add_argument(
-        "--constant_discretization_steps",
-        action="store_true",
-        help="Keep N(k) = s_0 throughout instead of the doubling curriculum.",
-    )
+    ct.add_argument("--huber_c", type=positive_float, default=None,
+                    help="Pseudo-Huber constant c. Default: iCT's 0.00054 * sqrt(d), d = channels x resolution^2.")
+    ct.add_argument("--discretization_s_0", type=positive_int, default=10,
+                    help="Noise-level intervals at the start of the curriculum N(k) (doubled over training up to s_1).")
+    ct.add_argument("--discretization_s_1", type=positive_int, default=1280,
+                    help="Noise-level intervals at the end of the curriculum N(k).")
+    ct.add_argument("--constant_discretization_steps", action="store_true",
+                    help="Keep N(k) = s_0 throughout instead of the doubling curriculum.")
     ct.add_argument("--p_mean", type=float, default=-1.1, help="Mean of log(sigma) of the lognormal level sampling.")
-    ct.add_argument(
-        "--p_std", type=positive_float, default=2.0, help="Std of log(sigma) of the lognormal level sampling."
-    )
-    ct.add_argument(
-        "--skip_steps",
-        type=positive_int,
-        default=1,
-        help="Index gap between the teacher's and the student's noise levels (iCT: 1).",
-    )
-    ct.add_argument(
-        "--teacher_ema_decay",
-        type=unit_interval_float,
-        default=0.0,
-        help="0 (iCT): the teacher is the student without gradient; mu > 0: an EMA of the student (original CT).",
-    )
+    ct.add_argument("--p_std", type=positive_float, default=2.0,
+                    help="Std of log(sigma) of the lognormal level sampling.")
+    ct.add_argument("--skip_steps", type=positive_int, default=1,
+                    help="Index gap between the teacher's and the student's noise levels (iCT: 1).")
+    ct.add_argument("--teacher_ema_decay", type=unit_interval_float, default=0.0,
+                    help="0 (iCT): the teacher is the student without gradient; mu > 0: an EMA of the student "
+                         "(original CT).")
     # ------------ EMA of the student (the weights saved for sampling) ------------
     parser.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
-    parser.add_argument(
-        "--ema_min_decay",
-        type=unit_interval_float,
-        default=None,
-        help="Smallest EMA decay (default: --ema_max_decay, a constant decay as in iCT).",
-    )
+    parser.add_argument("--ema_min_decay", type=unit_interval_float, default=None,
+                        help="Smallest EMA decay (default: --ema_max_decay, a constant decay as in iCT).")
     parser.add_argument("--ema_max_decay", type=unit_interval_float, default=0.99993, help="The largest EMA decay.")
-    parser.add_argument(
-        "--use_ema_warmup", action="store_true", help="Ramp the EMA decay up (--ema_inv_gamma, --ema_power)."
-    )
-    parser.add_argument(
-        "--ema_inv_gamma", type=positive_float, default=1.0, help="EMA warmup: inverse multiplicative factor."
-    )
+    parser.add_argument("--use_ema_warmup", action="store_true",
+                        help="Ramp the EMA decay up (--ema_inv_gamma, --ema_power).")
+    parser.add_argument("--ema_inv_gamma", type=positive_float, default=1.0,
+                        help="EMA warmup: inverse multiplicative factor.")
     parser.add_argument("--ema_power", type=positive_float, default=3 / 4, help="EMA warmup: power.")
     # ------------ Samples, checkpoints, logging, Hub ------------
     parser.add_argument("--eval_batch_size", type=positive_int, default=16, help="Images per row of a sample grid.")
-    parser.add_argument(
-        "--eval_num_inference_steps",
-        type=str,
-        default="1,2",
-        help="Sampling steps of each row of the sample grids, comma-separated (1 = one-step sampling).",
-    )
-    parser.add_argument(
-        "--validation_steps", type=positive_int, default=200, help="Save a sample grid every X optimizer steps."
-    )
+    parser.add_argument("--eval_num_inference_steps", type=str, default="1,2",
+                        help="Sampling steps of each row of the sample grids, comma-separated (1 = one-step sampling).")
+    parser.add_argument("--validation_steps", type=positive_int, default=200,
+                        help="Save a sample grid every X optimizer steps.")
     parser.add_argument("--save_model_epochs", type=positive_int, default=10, help="Save the pipeline every X epochs.")
     parser.add_argument("--tracker_project_name", type=str, default="consistency-training")
     add_run_args(parser, logger_flag=True)
@@ -341,15 +244,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.class_conditional and (args.num_classes is not None or args.class_embed_type is not None):
         raise ValueError("--num_classes and --class_embed_type need --class_conditional")
     # Checked here, not per step: a distribution that puts no mass on [sigma_min, sigma_max] fails at once.
-    ConsistencyDiscretization.build(
-        args.discretization_s_0 + 1,
-        sigma_min=args.sigma_min,
-        sigma_max=args.sigma_max,
-        rho=args.rho,
-        p_mean=args.p_mean,
-        p_std=args.p_std,
-        skip_steps=args.skip_steps,
-    )
+    discretization_with(args.discretization_s_0 + 1, args)
 
 
 def build_unet(args: argparse.Namespace, num_classes: int | None) -> UNet2DModel:
@@ -380,6 +275,13 @@ def build_discretization(
         args.discretization_s_1,
         constant=args.constant_discretization_steps,
     )
+    return discretization_with(num_sigmas, args, device)
+
+
+def discretization_with(
+    num_sigmas: int, args: argparse.Namespace, device: str | torch.device = "cpu"
+) -> ConsistencyDiscretization:
+    """``num_sigmas`` Karras noise levels and their sampling probabilities, from the --sigma_*/--rho/--p_* flags."""
     return ConsistencyDiscretization.build(
         num_sigmas,
         sigma_min=args.sigma_min,

@@ -43,6 +43,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from immiscible_diffusers.arguments import (
     LR_SCHEDULERS,
     TRACKERS,
+    add_adam_args,
     add_assignment_args,
     add_debug_arg,
     assignment_kwargs,
@@ -68,16 +69,14 @@ LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Captions of the bundled digits, the offline default dataset.
 DIGITS_CAPTION = "a handwritten digit {label}"
+PRETRAINED_HELP = (
+    "A Stable Diffusion pipeline (Hub id or folder) with vae/, text_encoder/, tokenizer/, unet/, scheduler/."
+)
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        required=True,
-        help="A Stable Diffusion pipeline (Hub id or folder) with vae/, text_encoder/, tokenizer/, unet/, scheduler/.",
-    )
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help=PRETRAINED_HELP)
     parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
     parser.add_argument(
@@ -91,168 +90,89 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Hub dataset.")
-    parser.add_argument(
-        "--train_data_dir",
-        type=str,
-        default=None,
-        help="A folder of images read as an imagefolder; a metadata.jsonl in it gives the captions.",
-    )
+    parser.add_argument("--train_data_dir", type=str, default=None,
+                        help="A folder of images read as an imagefolder; a metadata.jsonl in it gives the captions.")
     parser.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
-    parser.add_argument(
-        "--caption_column",
-        type=str,
-        default="text",
-        help="The dataset column holding a caption or a list of captions (one is picked at random per step).",
-    )
-    parser.add_argument(
-        "--max_train_samples",
-        type=positive_int,
-        default=None,
-        help="Train on this many examples only (picked after a shuffle with --seed), for debugging or quick runs.",
-    )
-    parser.add_argument(
-        "--validation_prompts",
-        type=str,
-        default=None,
-        nargs="+",
-        help="Prompts sampled every --validation_epochs and at the end (samples/step_<step>.png, tensorboard).",
-    )
+    parser.add_argument("--caption_column", type=str, default="text",
+                        help="The dataset column holding a caption or a list of captions (one is picked at random per "
+                             "step).")
+    parser.add_argument("--max_train_samples", type=positive_int, default=None,
+                        help="Train on this many examples only (picked after a shuffle with --seed), for debugging or "
+                             "quick runs.")
+    parser.add_argument("--validation_prompts", type=str, default=None, nargs="+",
+                        help="Prompts sampled every --validation_epochs and at the end (samples/step_<step>.png, "
+                             "tensorboard).")
     parser.add_argument("--validation_epochs", type=positive_int, default=5, help="Validate every X epochs.")
-    parser.add_argument(
-        "--validation_inference_steps", type=positive_int, default=20, help="Denoising steps of validation images."
-    )
-    parser.add_argument(
-        "--output_dir", type=str, default="sd-model-finetuned", help="Where the pipeline and checkpoints go."
-    )
+    parser.add_argument("--validation_inference_steps", type=positive_int, default=20,
+                        help="Denoising steps of validation images.")
+    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned",
+                        help="Where the pipeline and checkpoints go.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets go.")
     parser.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
-    parser.add_argument(
-        "--resolution",
-        type=positive_int,
-        default=512,
-        help="Side of the square training images (a multiple of the VAE's downsampling factor, 8 for SD).",
-    )
-    parser.add_argument(
-        "--center_crop", action="store_true", help="Crop the center of each image (default: a random crop)."
-    )
+    parser.add_argument("--resolution", type=positive_int, default=512,
+                        help="Side of the square training images (a multiple of the VAE's downsampling factor, 8 for "
+                             "SD).")
+    parser.add_argument("--center_crop", action="store_true",
+                        help="Crop the center of each image (default: a random crop).")
     parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     parser.add_argument("--train_batch_size", type=positive_int, default=16, help="Batch size per process.")
     parser.add_argument("--num_train_epochs", type=positive_int, default=100)
-    parser.add_argument(
-        "--max_train_steps",
-        type=positive_int,
-        default=None,
-        help="Total optimizer steps; overrides --num_train_epochs when given.",
-    )
+    parser.add_argument("--max_train_steps", type=positive_int, default=None,
+                        help="Total optimizer steps; overrides --num_train_epochs when given.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    parser.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="Recompute activations in the backward pass: far less memory, a slower step.",
-    )
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="Recompute activations in the backward pass: far less memory, a slower step.")
     parser.add_argument("--learning_rate", type=positive_float, default=1e-4)
-    parser.add_argument(
-        "--scale_lr",
-        action="store_true",
-        help="Multiply the learning rate by the number of processes, accumulation steps and batch size.",
-    )
+    parser.add_argument("--scale_lr", action="store_true",
+                        help="Multiply the learning rate by the number of processes, accumulation steps and batch "
+                             "size.")
     parser.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
     parser.add_argument("--lr_warmup_steps", type=non_negative_int, default=500)
-    parser.add_argument(
-        "--snr_gamma",
-        type=positive_float,
-        default=None,
-        help="Min-SNR loss weighting gamma (arXiv:2303.09556); 5.0 is the recommended value.",
-    )
+    parser.add_argument("--snr_gamma", type=positive_float, default=None,
+                        help="Min-SNR loss weighting gamma (arXiv:2303.09556); 5.0 is the recommended value.")
     parser.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet (full fine-tuning only).")
     parser.add_argument("--foreach_ema", action="store_true", help="Update the EMA with torch._foreach ops (faster).")
-    parser.add_argument(
-        "--dataloader_num_workers",
-        type=non_negative_int,
-        default=0,
-        help="Subprocesses that load data (0: in the main process).",
-    )
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument("--dataloader_num_workers", type=non_negative_int, default=0,
+                        help="Subprocesses that load data (0: in the main process).")
+    add_adam_args(parser, beta1=0.9, weight_decay=1e-2)
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
     parser.add_argument("--hub_token", type=str, default=None, help="Token for the Hub (default: your login).")
-    parser.add_argument(
-        "--hub_model_id", type=str, default=None, help="Repository to push to (default: the folder name)."
-    )
+    parser.add_argument("--hub_model_id", type=str, default=None,
+                        help="Repository to push to (default: the folder name).")
     parser.add_argument("--hub_private_repo", action="store_true", help="Create the repository as private.")
-    parser.add_argument(
-        "--license",
-        type=str,
-        default="creativeml-openrail-m",
-        help=(
-            "License in the model card. A fine-tune inherits its base model's license: creativeml-openrail-m "
-            "for Stable Diffusion 1.x (what diffusers' example writes), openrail++ for 2.x."
-        ),
-    )
-    parser.add_argument(
-        "--prediction_type",
-        type=str,
-        default=None,
-        choices=PREDICTION_TYPES,
-        help="What the UNet learns to predict. Default: the pretrained scheduler's prediction_type.",
-    )
+    parser.add_argument("--license", type=str, default="creativeml-openrail-m",
+                        help="License in the model card. A fine-tune inherits its base model's license: creativeml-"
+                             "openrail-m for Stable Diffusion 1.x (what diffusers' example writes), openrail++ for "
+                             "2.x.")
+    parser.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
+                        help="What the UNet learns to predict. Default: the pretrained scheduler's prediction_type.")
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
-    parser.add_argument(
-        "--mixed_precision",
-        type=str,
-        default=None,
-        choices=("no", "fp16", "bf16"),
-        help="Mixed precision; the frozen VAE and text encoder run in it too. Default: accelerate's config.",
-    )
-    parser.add_argument(
-        "--report_to", type=str, default="tensorboard", choices=TRACKERS, help="tensorboard, wandb, or all installed."
-    )
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"),
+                        help="Mixed precision; the frozen VAE and text encoder run in it too. Default: accelerate's "
+                             "config.")
+    parser.add_argument("--report_to", type=str, default="tensorboard", choices=TRACKERS,
+                        help="tensorboard, wandb, or all installed.")
     parser.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
     parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
-    parser.add_argument(
-        "--checkpointing_steps",
-        type=positive_int,
-        default=500,
-        help="Save the training state every X optimizer steps (resume with --resume_from_checkpoint).",
-    )
-    parser.add_argument(
-        "--checkpoints_total_limit", type=positive_int, default=None, help="Keep at most this many checkpoints."
-    )
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help="'latest' (starts fresh when there is none yet), or a checkpoint folder name or path.",
-    )
-    parser.add_argument(
-        "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers' attention."
-    )
-    parser.add_argument(
-        "--noise_offset",
-        type=non_negative_float,
-        default=0.0,
-        help="Scale of the offset noise (a constant per sample and channel), added after the assignment; try 0.1.",
-    )
-    parser.add_argument(
-        "--input_perturbation",
-        type=non_negative_float,
-        default=0.0,
-        help="Scale of the input perturbation (extra noise in the UNet's input, not in the target); 0.1 is usual.",
-    )
-    parser.add_argument(
-        "--rank",
-        type=positive_int,
-        default=None,
-        help=(
-            "Train LoRA adapters of this rank on the UNet's attention projections (to_q, to_k, to_v, to_out.0) "
-            "instead of the whole UNet; saves pytorch_lora_weights.safetensors. Needs peft."
-        ),
-    )
+    parser.add_argument("--checkpointing_steps", type=positive_int, default=500,
+                        help="Save the training state every X optimizer steps (resume with --resume_from_checkpoint).")
+    parser.add_argument("--checkpoints_total_limit", type=positive_int, default=None,
+                        help="Keep at most this many checkpoints.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help="'latest' (starts fresh when there is none yet), or a checkpoint folder name or path.")
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                        help="Use xformers' attention.")
+    parser.add_argument("--noise_offset", type=non_negative_float, default=0.0,
+                        help="Scale of the offset noise (a constant per sample and channel), added after the "
+                             "assignment; try 0.1.")
+    parser.add_argument("--input_perturbation", type=non_negative_float, default=0.0,
+                        help="Scale of the input perturbation (extra noise in the UNet's input, not in the target); "
+                             "0.1 is usual.")
+    parser.add_argument("--rank", type=positive_int, default=None,
+                        help="Train LoRA adapters of this rank on the UNet's attention projections (to_q, to_k, to_v, "
+                             "to_out.0) instead of the whole UNet; saves pytorch_lora_weights.safetensors. Needs peft.")
     add_debug_arg(parser)
     add_assignment_args(parser)
 

@@ -3,7 +3,7 @@
 A checkpoint is written to a temporary folder and renamed into place, so a kill never leaves a half-written
 ``checkpoint-<step>``. Each records its recipe (``recipe.json``: script, prediction type, model config) so that
 a resume with another script or model is refused instead of silently training the wrong thing. Resuming
-from an older checkpoint moves the newer ones aside (to ``superseded-checkpoints/``), so that ``latest``, the
+from an older checkpoint moves the newer ones aside (to ``.superseded-checkpoints/``), so that ``latest``, the
 weights and ``train_log.csv`` always describe one run.
 """
 
@@ -28,7 +28,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 RECIPE_NAME = "recipe.json"
-SUPERSEDED_DIR = "superseded-checkpoints"
+# Hidden (a leading dot), so that pushing the output folder to the Hub leaves them out like other scratch folders.
+SUPERSEDED_DIR = ".superseded-checkpoints"
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -184,7 +185,7 @@ def check_recipe(checkpoint: str | os.PathLike, recipe: Mapping[str, Any]) -> No
 
 
 def set_aside_newer_checkpoints(output_dir: str | os.PathLike, step: int) -> list[Path]:
-    """Move the checkpoints newer than ``step`` into ``output_dir/superseded-checkpoints/``; return their new paths.
+    """Move the checkpoints newer than ``step`` into ``output_dir/.superseded-checkpoints/``; return their new paths.
 
     A run resumed from an older checkpoint rewrites that history: left in place, the newer checkpoints of the
     abandoned run would be what ``--resume_from_checkpoint latest`` picks after the next interruption.

@@ -114,7 +114,9 @@ def _push(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.repo_id is not None:
         check_repo_id(args.repo_id, "--repo-id")
     if args.evaluation_dir is not None and args.dry_run:
-        raise ValueError("--evaluation-dir writes into OUTPUT_DIR, which --dry-run never does: run it without --dry-run")
+        raise ValueError(
+            "--evaluation-dir writes into OUTPUT_DIR, which --dry-run never does: run it without --dry-run"
+        )
     if args.evaluation_dir is not None:
         card_path = add_evaluation_to_card(args.output_dir, args.evaluation_dir)
         print(f"Added the evaluation from {args.evaluation_dir} to {card_path}")

@@ -19,7 +19,6 @@ trained here samples correctly with the stock classes:
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass
@@ -28,6 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+# The flag types once lived here; they are re-exported for code that imports them from this module.
+from .arguments import positive_float, unit_interval_float  # noqa: F401
 
 if TYPE_CHECKING:  # the evaluator imports this module; only type hints need its classes
     from .evaluate import RunInfo, SamplingOptions
@@ -312,33 +314,6 @@ def with_image_and_label_transform(dataset, image_column: str, label_column: str
         return batch
 
     return dataset.with_transform(transform_batch)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command-line value types
-# --------------------------------------------------------------------------------------------------
-
-
-def positive_float(value: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
-    if not (math.isfinite(number) and number > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return number
-
-
-def unit_interval_float(value: str) -> float:
-    """argparse type: a number in ``[0, 1)`` (an EMA decay)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= number < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
-    return number
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,12 +9,16 @@ handwritten digits (1,797 grayscale 8x8 images, values 0-16), so a run needs no 
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 # The name the digits default goes by in model cards and training configs.
 DIGITS_DATASET_NAME = "sklearn-digits"
@@ -68,6 +72,7 @@ def load_image_dataset(
         if not os.path.isdir(train_data_dir):
             raise ValueError(f"--train_data_dir {train_data_dir!r} does not exist or is not a directory")
         dataset = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+        dataset = drop_unreadable_images(dataset, image_column)
     elif dataset_name is not None:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
     else:
@@ -79,6 +84,37 @@ def load_image_dataset(
     if max_train_samples is not None and max_train_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(max_train_samples))
     return dataset
+
+
+def drop_unreadable_images(dataset, image_column: str = "image"):
+    """``dataset`` without the examples whose image cannot be decoded, with a warning that counts them.
+
+    Every image is decoded once, up front, so that a corrupt file in an image folder is found before training
+    starts rather than crashing it later (with no checkpoint). Raises ``ValueError`` when none is readable.
+    """
+    import datasets
+
+    if image_column not in dataset.column_names:
+        return dataset  # load_image_dataset reports the missing column
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]
+    readable, unreadable = [], []
+    for index, item in enumerate(raw):
+        source = io.BytesIO(item["bytes"]) if item.get("bytes") else item.get("path")
+        try:
+            with Image.open(source) as image:
+                image.load()
+            readable.append(index)
+        except (OSError, SyntaxError, ValueError):
+            unreadable.append(os.path.basename(item.get("path") or f"#{index}"))
+    if not unreadable:
+        return dataset
+    if not readable:
+        raise ValueError(f"none of the {len(raw)} images of --train_data_dir could be decoded")
+    logger.warning(
+        f"skipped {len(unreadable)} unreadable image(s) of {len(raw)} in --train_data_dir: "
+        + ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+    )
+    return dataset.select(readable)
 
 
 def dataset_display_name(dataset_name: str | None, train_data_dir: str | None) -> str:

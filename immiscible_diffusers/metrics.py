@@ -123,7 +123,9 @@ def wasserstein2(first: np.ndarray | torch.Tensor, second: np.ndarray | torch.Te
     a = torch.as_tensor(np.asarray(first), dtype=torch.float64)
     b = torch.as_tensor(np.asarray(second), dtype=torch.float64)
     if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"first and second must be (N, D) arrays of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"first and second must be (N, D) arrays of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     cost = torch.cdist(a, b).pow(2)
     perm = solve_linear_assignment(cost, dim=a.shape[1])  # the solver suited to D (scipy for 2-D points)
     return float(cost[torch.arange(a.shape[0]), perm].mean().sqrt())
@@ -211,7 +213,9 @@ def digits_split(config: DigitsClassifierConfig = DigitsClassifierConfig()) -> D
     train, heldout = train_test_split(
         indices, test_size=config.heldout_fraction, stratify=labels, random_state=config.split_seed
     )
-    reference, floor = train_test_split(heldout, test_size=0.5, stratify=labels[heldout], random_state=config.split_seed)
+    reference, floor = train_test_split(
+        heldout, test_size=0.5, stratify=labels[heldout], random_state=config.split_seed
+    )
     return DigitsSplit(np.sort(train), np.sort(reference), np.sort(floor))
 
 

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import run_command, script_env
 from immiscible_diffusers import assign_noise
 from immiscible_diffusers.consistency import (
     ConsistencyDiscretization,
@@ -70,25 +71,9 @@ RUNS = {
 }  # fmt: skip
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _run(command: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
     """Run ``command``; on a timeout kill its whole process group (torchrun's workers too), then fail."""
-    process = subprocess.Popen(
-        command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{command} timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
-    assert process.returncode == 0, f"{command} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_command(command, timeout)
 
 
 def _command(output_dir: Path, name: str) -> list[str]:
@@ -122,7 +107,7 @@ def trained(tmp_path_factory):
             for run in RUNS:
                 log = open(root / f"{run}.log", "w")
                 processes[run] = subprocess.Popen(
-                    _command(root / run, run), env=_env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                    _command(root / run, run), env=script_env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
                 )
                 log.close()
         if name not in finished:
@@ -136,16 +121,6 @@ def trained(tmp_path_factory):
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """In-process runs build an Accelerator: start and leave with accelerate's singletons reset."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _tiny_unet(in_channels: int = 1, **kwargs):
@@ -523,7 +498,9 @@ def test_evaluator_samples_consistency_runs_at_one_and_two_steps(trained, monkey
 def test_a_killed_run_resumes_and_finishes_exactly_as_an_uninterrupted_one(tmp_path, trained):
     output_dir = tmp_path / "out"
     command = _command(output_dir, "knn")
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    process = subprocess.Popen(
+        command, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO
+    )
     try:
         deadline = time.monotonic() + 120
         while not list_checkpoints(output_dir) and process.poll() is None and time.monotonic() < deadline:

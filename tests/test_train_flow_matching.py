@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import script_env
 from immiscible_diffusers import assign_noise
 from immiscible_diffusers.flow_matching import (
     WEIGHTING_SCHEMES,
@@ -60,14 +60,8 @@ RUNS = {
 STEPS = 4
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env | extra
-
-
 def _run(command: list[str], timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(command, env=script_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
@@ -102,15 +96,6 @@ def trained(tmp_path_factory):
         return done[name]
 
     return get
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,7 +310,9 @@ def test_every_weighting_scheme_trains_with_its_sigma_density_and_loss_weight(sc
     step = script.compute_loss(unet, grid, torch.rand(8, 1, 8, 8) * 2 - 1, args)
     assert torch.isfinite(step.loss) and step.loss.requires_grad
     s = step.sigmas
-    expected_weighting = {"sigma_sqrt": s**-2, "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2))}.get(scheme, torch.ones_like(s))
+    expected_weighting = {"sigma_sqrt": s**-2, "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2))}.get(
+        scheme, torch.ones_like(s)
+    )
     torch.testing.assert_close(step.weighting.flatten(), expected_weighting)
 
     draws = sample_training_sigmas(grid, 4000, scheme, generator=torch.Generator().manual_seed(0))
@@ -407,7 +394,8 @@ def test_evaluator_samples_the_runs_with_the_flow_sampler(trained, monkeypatch):
     with pytest.raises(ValueError, match="holds a FlowMatchingPipeline"):
         evaluate.resolve_sampler(run, "ddim")
     checkpoints = evaluate.find_checkpoints(run)
-    assert [(c.step, c.weights, c.source) for c in checkpoints] == [(2, "ema", "checkpoint-2"), (4, "ema", "checkpoint-4")]
+    found = [(c.step, c.weights, c.source) for c in checkpoints]
+    assert found == [(2, "ema", "checkpoint-2"), (4, "ema", "checkpoint-4")]
 
     options = evaluate.SamplingOptions(num_images=5, num_inference_steps=3, seed=7, batch_size=2, progress=False)
     first = sample_flow_matching(run, checkpoints[0].model_dir, options)

@@ -18,11 +18,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import script_env
 from immiscible_diffusers import assign_noise
 from immiscible_diffusers.latent import prepare_noise_and_target, snr_weighted_mse
 from immiscible_diffusers.model_card import REQUIRED_CARD_KEYS, read_card_metadata
@@ -171,17 +171,8 @@ def images(tmp_path_factory) -> Path:
     return make_captioned_digits(tmp_path_factory.mktemp("captioned") / "digits")
 
 
-def _env(**overrides: str) -> dict[str, str]:
-    import os
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    env.update(overrides)
-    return {key: value for key, value in env.items() if value}
-
-
 def _run(command: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(command, env=script_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
@@ -241,16 +232,6 @@ def _load_script():
 @pytest.fixture(scope="module")
 def script():
     return _load_script()
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """In-process runs build an Accelerator: start and leave with accelerate's singletons reset."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -736,15 +717,15 @@ def _sample_predicting_base(tiny_sd: Path, folder: Path) -> Path:
 @pytest.mark.parametrize(
     "flags, error, message",
     [
-        (["--train_data_dir", "{no_captions}"], ValueError, r"not a column of the dataset \(an imagefolder takes captions from a metadata.jsonl"),
-        (["--train_data_dir", "{images}", "--caption_column", "caption"], ValueError, "--caption_column 'caption' is not a column"),
+        (["--train_data_dir", "{no_captions}"], ValueError, r"not a column of the dataset \(an imagefolder takes captions from a metadata.jsonl"),  # noqa: E501
+        (["--train_data_dir", "{images}", "--caption_column", "caption"], ValueError, "--caption_column 'caption' is not a column"),  # noqa: E501
         (["--train_data_dir", "{images}", "--image_column", "img"], ValueError, "--image_column 'img' is not a column"),
         (["--caption_column", "label"], ValueError, "'label' must hold strings or lists of strings, got int"),
         (["--resolution", "15"], ValueError, "--resolution 15 is not a multiple of the VAE's downsampling factor 2"),
-        (["--train_data_dir", "{images}", "--train_batch_size", "64"], ValueError, "needs at least 64 training examples"),
+        (["--train_data_dir", "{images}", "--train_batch_size", "64"], ValueError, "needs at least 64 training examples"),  # noqa: E501
         (["--resume_from_checkpoint", "checkpoint-7"], ValueError, "neither 'latest' nor an existing checkpoint"),
         (["--pretrained_model_name_or_path", "./missing/sd"], ValueError, r"'./missing/sd' is not a folder"),
-        (["--pretrained_model_name_or_path", "{sample_base}"], ValueError, "scheduler predicts 'sample'; pass --prediction_type"),
+        (["--pretrained_model_name_or_path", "{sample_base}"], ValueError, "scheduler predicts 'sample'; pass --prediction_type"),  # noqa: E501
         (["--use_8bit_adam"], ImportError, "--use_8bit_adam needs bitsandbytes"),
         (["--enable_xformers_memory_efficient_attention"], ValueError, "needs xformers"),
     ],

@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import script_env
 from immiscible_diffusers import assign_noise
 from immiscible_diffusers.model_card import REQUIRED_CARD_KEYS, read_card_metadata
 from immiscible_diffusers.training import (
@@ -73,14 +74,8 @@ RUNS = {
 STEPS = 3
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _run(command: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
@@ -128,16 +123,6 @@ def trained(tmp_path_factory):
         return done[name]
 
     return get
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """In-process runs build an Accelerator: start and leave with accelerate's singletons reset."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,7 +299,9 @@ def test_a_run_killed_mid_training_resumes_to_the_same_step_count(tmp_path):
         "--assignment", "knn", "--use_ema",  # both add state to the checkpoint (EMA weights, KNN generator)
     ]  # fmt: skip
     command = [sys.executable, str(SCRIPT), "--output_dir", str(output_dir), *TINY, *flags]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    process = subprocess.Popen(
+        command, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO
+    )
     try:
         deadline = time.monotonic() + 120
         while not list_checkpoints(output_dir) and process.poll() is None and time.monotonic() < deadline:
@@ -376,7 +363,7 @@ def test_a_stopped_and_resumed_run_trains_exactly_like_an_uninterrupted_one(tmp_
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     command = [sys.executable, str(SCRIPT), "--output_dir", str(uninterrupted), *TINY, *flags, "--max_train_steps", "5"]
     # The uninterrupted run trains side by side with the other two.
-    background = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    background = subprocess.Popen(command, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _train(resumed, *flags, "--max_train_steps", "2")
         assert [step for step, _ in list_checkpoints(resumed)] == [2]

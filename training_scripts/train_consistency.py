@@ -36,26 +36,30 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
-from diffusers.utils import is_wandb_available
 from PIL import Image
-from tqdm.auto import tqdm
 
-from immiscible_diffusers import AssignmentStats, assign_noise
+from immiscible_diffusers import AssignmentStats
+from immiscible_diffusers.arguments import (
+    LR_SCHEDULERS,
+    add_adam_args,
+    add_assignment_args,
+    add_run_args,
+    finish_image_args,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_interval_float,
+)
+from immiscible_diffusers.batch_noise import draw_assigned_noise
 from immiscible_diffusers.consistency import (
     ConsistencyDiscretization,
     check_curriculum,
@@ -65,102 +69,53 @@ from immiscible_diffusers.consistency import (
     discretization_steps,
     infer_num_classes,
     noisy_pair,
-    positive_float,
     pseudo_huber_distance,
-    unit_interval_float,
     update_teacher,
     with_image_and_label_transform,
 )
-from immiscible_diffusers.data import (
-    DIGITS_DEFAULT_RESOLUTION,
-    dataset_display_name,
-    image_transform,
-    load_image_dataset,
-)
-from immiscible_diffusers.hub import create_hub_repo, push_output_dir
-from immiscible_diffusers.model_card import training_card_metadata, write_model_card
-from immiscible_diffusers.training import (
-    pil_to_tensor,
-    CheckpointableGenerator,
-    StepAccumulator,
-    TrainLog,
-    add_assignment_args,
-    assignment_generator,
-    assignment_kwargs,
-    check_batch_size,
-    check_unet_resolution,
-    checkpoint_step,
-    image_grid,
-    non_negative_int,
-    positive_int,
-    remove_partial_checkpoints,
-    reseed_assignment_generator,
-    resolve_resume_checkpoint,
-    save_checkpoint,
-    save_training_config,
-    use_cpu_processes,
-)
+from immiscible_diffusers.data import DIGITS_DEFAULT_RESOLUTION, image_transform
+from immiscible_diffusers.errors import run_entry_point
+from immiscible_diffusers.models import build_unet as build_default_unet
+from immiscible_diffusers.models import check_unet_resolution, ema_of
+from immiscible_diffusers.optimizers import build_optimizer
+from immiscible_diffusers.processes import check_batch_size
+from immiscible_diffusers.randomness import rng_preserved
+from immiscible_diffusers.run import TrainingRun, load_dataset_from_args, training_dataloader
+from immiscible_diffusers.training import image_grid
 
 logger = get_logger(__name__, log_level="INFO")
 
 SCRIPT_NAME = "train_consistency.py"
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # ------------ Model ------------
-    parser.add_argument(
-        "--model_config_name_or_path",
-        type=str,
-        default=None,
-        help="A UNet2DModel config (folder, file or Hub id). Default: a small UNet sized by the --unet_* flags.",
-    )
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        default=None,
-        help="Start from these UNet weights (a pipeline folder or Hub id with a unet/ subfolder), not from scratch.",
-    )
+    parser.add_argument("--model_config_name_or_path", type=str, default=None,
+                        help="A UNet2DModel config (folder, file or Hub id). Default: a small UNet sized by the "
+                             "--unet_* flags.")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                        help="Start from these UNet weights (a pipeline folder or Hub id with a unet/ subfolder), not "
+                             "from scratch.")
     parser.add_argument("--revision", type=str, default=None, help="Revision of --pretrained_model_name_or_path.")
     parser.add_argument("--variant", type=str, default=None, help="Weights variant of --pretrained_model_name_or_path.")
-    parser.add_argument(
-        "--unet_block_out_channels",
-        type=str,
-        default="32,64,64",
-        help="Widths of the default UNet's levels, comma-separated (ignored with a model config or pretrained model).",
-    )
-    parser.add_argument(
-        "--unet_layers_per_block", type=positive_int, default=1, help="ResNet layers per level of the default UNet."
-    )
-    parser.add_argument(
-        "--unet_dropout",
-        type=unit_interval_float,
-        default=0.0,
-        help="Dropout of the default UNet (iCT uses 0.3 on CIFAR-10).",
-    )
+    parser.add_argument("--unet_block_out_channels", type=str, default="32,64,64",
+                        help="Widths of the default UNet's levels, comma-separated (ignored with a model config or "
+                             "pretrained model).")
+    parser.add_argument("--unet_layers_per_block", type=positive_int, default=1,
+                        help="ResNet layers per level of the default UNet.")
+    parser.add_argument("--unet_dropout", type=unit_interval_float, default=0.0,
+                        help="Dropout of the default UNet (iCT uses 0.3 on CIFAR-10).")
     # ------------ Data ------------
-    parser.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help=(
-            "A dataset on the Hub (or a local dataset folder) to train on. Without it and without "
-            "--train_data_dir, the script trains on scikit-learn's bundled handwritten digits (offline)."
-        ),
-    )
+    parser.add_argument("--dataset_name", type=str, default=None,
+                        help="A dataset on the Hub (or a local dataset folder) to train on. Without it and without "
+                             "--train_data_dir, the script trains on scikit-learn's bundled handwritten digits "
+                             "(offline).")
     parser.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Hub dataset.")
-    parser.add_argument(
-        "--train_data_dir", type=str, default=None, help="A folder of training images (read as an imagefolder)."
-    )
-    parser.add_argument(
-        "--image_column",
-        "--dataset_image_column_name",
-        dest="image_column",
-        type=str,
-        default="image",
-        help="The dataset column holding the images.",
-    )
+    parser.add_argument("--train_data_dir", type=str, default=None,
+                        help="A folder of training images (read as an imagefolder).")
+    parser.add_argument("--image_column", "--dataset_image_column_name", dest="image_column", type=str, default="image",
+                        help="The dataset column holding the images.")
     parser.add_argument(
         "--class_label_column",
         "--dataset_class_label_column_name",
@@ -169,12 +124,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default="label",
         help="With --class_conditional: the dataset column holding the integer class labels.",
     )
-    parser.add_argument(
-        "--max_train_samples",
-        type=positive_int,
-        default=None,
-        help="Train on this many examples only (picked after a shuffle with --seed), for debugging or quick runs.",
-    )
+    parser.add_argument("--max_train_samples", type=positive_int, default=None,
+                        help="Train on this many examples only (picked after a shuffle with --seed), for debugging or "
+                             "quick runs.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets are cached.")
     parser.add_argument(
         "--resolution",
@@ -182,186 +134,88 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"Side of the square training images. Default: {DIGITS_DEFAULT_RESOLUTION} for the digits, 64 otherwise.",
     )
-    parser.add_argument(
-        "--center_crop", action="store_true", help="Crop the center of each image (default: a random crop)."
-    )
+    parser.add_argument("--center_crop", action="store_true",
+                        help="Crop the center of each image (default: a random crop).")
     parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
-    parser.add_argument(
-        "--num_channels",
-        type=int,
-        default=None,
-        choices=(1, 3),
-        help="1 (grayscale) or 3 (RGB). Default: the model config's in_channels, else 1 for the digits, 3 otherwise.",
-    )
-    parser.add_argument(
-        "--class_conditional",
-        action="store_true",
-        help="Train a class-conditional model on the labels of --class_label_column (UNet2DModel num_class_embeds).",
-    )
-    parser.add_argument(
-        "--num_classes",
-        type=positive_int,
-        default=None,
-        help="With --class_conditional: the number of classes (default: read from the dataset's labels).",
-    )
-    parser.add_argument(
-        "--class_embed_type",
-        type=str,
-        default=None,
-        choices=("timestep", "identity"),
-        help="With --class_conditional: UNet2DModel's class_embed_type (default: a learned embedding per class).",
-    )
-    parser.add_argument(
-        "--dataloader_num_workers",
-        type=non_negative_int,
-        default=0,
-        help="Subprocesses that load data (0: in the main process, best on CPU).",
-    )
+    parser.add_argument("--num_channels", type=int, default=None, choices=(1, 3),
+                        help="1 (grayscale) or 3 (RGB). Default: the model config's in_channels, else 1 for the "
+                             "digits, 3 otherwise.")
+    parser.add_argument("--class_conditional", action="store_true",
+                        help="Train a class-conditional model on the labels of --class_label_column (UNet2DModel "
+                             "num_class_embeds).")
+    parser.add_argument("--num_classes", type=positive_int, default=None,
+                        help="With --class_conditional: the number of classes (default: read from the dataset's "
+                             "labels).")
+    parser.add_argument("--class_embed_type", type=str, default=None, choices=("timestep", "identity"),
+                        help="With --class_conditional: UNet2DModel's class_embed_type (default: a learned embedding "
+                             "per class).")
+    parser.add_argument("--dataloader_num_workers", type=non_negative_int, default=0,
+                        help="Subprocesses that load data (0: in the main process, best on CPU).")
     # ------------ Training ------------
-    parser.add_argument(
-        "--output_dir", type=str, default="cm-immiscible", help="Where the pipeline and checkpoints go."
-    )
-    parser.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
+    parser.add_argument("--output_dir", type=str, default="cm-immiscible",
+                        help="Where the pipeline and checkpoints go.")
     parser.add_argument("--train_batch_size", type=positive_int, default=16, help="Batch size per process.")
     parser.add_argument("--num_epochs", "--num_train_epochs", dest="num_epochs", type=positive_int, default=100)
-    parser.add_argument(
-        "--max_train_steps",
-        type=positive_int,
-        default=None,
-        help="Total optimizer steps; overrides --num_epochs when given. The curriculum is laid out over it.",
-    )
+    parser.add_argument("--max_train_steps", type=positive_int, default=None,
+                        help="Total optimizer steps; overrides --num_epochs when given. The curriculum is laid out "
+                             "over it.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet.")
     parser.add_argument("--learning_rate", type=positive_float, default=1e-4)
-    parser.add_argument(
-        "--scale_lr",
-        action="store_true",
-        help="Multiply the learning rate by processes x gradient accumulation x batch size.",
-    )
+    parser.add_argument("--scale_lr", action="store_true",
+                        help="Multiply the learning rate by processes x gradient accumulation x batch size.")
     parser.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS)
     parser.add_argument("--lr_warmup_steps", type=non_negative_int, default=500)
-    parser.add_argument(
-        "--optimizer_type", type=str, default="adamw", choices=("adamw", "radam"), help="iCT uses RAdam."
-    )
-    parser.add_argument("--adam_beta1", type=float, default=0.95)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-6)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
-    parser.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument("--optimizer_type", type=str, default="adamw", choices=("adamw", "radam"),
+                        help="iCT uses RAdam.")
+    add_adam_args(parser, grad_norm_type=positive_float)
     parser.add_argument("--mixed_precision", type=str, default="no", choices=("no", "fp16", "bf16"))
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
-    parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
     # ------------ Consistency training ------------
     ct = parser.add_argument_group("consistency training (iCT)")
-    ct.add_argument(
-        "--prediction_type",
-        type=str,
-        default="sample",
-        choices=("sample",),
-        help="The consistency function predicts the clean sample (the only choice, as in the example).",
-    )
+    ct.add_argument("--prediction_type", type=str, default="sample", choices=("sample",),
+                    help="The consistency function predicts the clean sample (the only choice, as in the example).")
     ct.add_argument("--sigma_min", type=positive_float, default=0.002, help="Smallest noise level (the boundary).")
     ct.add_argument("--sigma_max", type=positive_float, default=80.0, help="Largest noise level (the prior's std).")
     ct.add_argument("--rho", type=positive_float, default=7.0, help="rho of the Karras noise-level discretization.")
-    ct.add_argument(
-        "--huber_c",
-        type=positive_float,
-        default=None,
-        help="Pseudo-Huber constant c. Default: iCT's 0.00054 * sqrt(d), d = channels x resolution^2.",
-    )
-    ct.add_argument(
-        "--discretization_s_0",
-        type=positive_int,
-        default=10,
-        help="Noise-level intervals at the start of the curriculum N(k) (doubled over training up to s_1).",
-    )
-    ct.add_argument(
-        "--discretization_s_1",
-        type=positive_int,
-        default=1280,
-        help="Noise-level intervals at the end of the curriculum N(k).",
-    )
-    ct.add_argument(
-        "--constant_discretization_steps",
-        action="store_true",
-        help="Keep N(k) = s_0 throughout instead of the doubling curriculum.",
-    )
+    ct.add_argument("--huber_c", type=positive_float, default=None,
+                    help="Pseudo-Huber constant c. Default: iCT's 0.00054 * sqrt(d), d = channels x resolution^2.")
+    ct.add_argument("--discretization_s_0", type=positive_int, default=10,
+                    help="Noise-level intervals at the start of the curriculum N(k) (doubled over training up to s_1).")
+    ct.add_argument("--discretization_s_1", type=positive_int, default=1280,
+                    help="Noise-level intervals at the end of the curriculum N(k).")
+    ct.add_argument("--constant_discretization_steps", action="store_true",
+                    help="Keep N(k) = s_0 throughout instead of the doubling curriculum.")
     ct.add_argument("--p_mean", type=float, default=-1.1, help="Mean of log(sigma) of the lognormal level sampling.")
-    ct.add_argument(
-        "--p_std", type=positive_float, default=2.0, help="Std of log(sigma) of the lognormal level sampling."
-    )
-    ct.add_argument(
-        "--skip_steps",
-        type=positive_int,
-        default=1,
-        help="Index gap between the teacher's and the student's noise levels (iCT: 1).",
-    )
-    ct.add_argument(
-        "--teacher_ema_decay",
-        type=unit_interval_float,
-        default=0.0,
-        help="0 (iCT): the teacher is the student without gradient; mu > 0: an EMA of the student (original CT).",
-    )
+    ct.add_argument("--p_std", type=positive_float, default=2.0,
+                    help="Std of log(sigma) of the lognormal level sampling.")
+    ct.add_argument("--skip_steps", type=positive_int, default=1,
+                    help="Index gap between the teacher's and the student's noise levels (iCT: 1).")
+    ct.add_argument("--teacher_ema_decay", type=unit_interval_float, default=0.0,
+                    help="0 (iCT): the teacher is the student without gradient; mu > 0: an EMA of the student "
+                         "(original CT).")
     # ------------ EMA of the student (the weights saved for sampling) ------------
     parser.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
-    parser.add_argument(
-        "--ema_min_decay",
-        type=unit_interval_float,
-        default=None,
-        help="Smallest EMA decay (default: --ema_max_decay, a constant decay as in iCT).",
-    )
+    parser.add_argument("--ema_min_decay", type=unit_interval_float, default=None,
+                        help="Smallest EMA decay (default: --ema_max_decay, a constant decay as in iCT).")
     parser.add_argument("--ema_max_decay", type=unit_interval_float, default=0.99993, help="The largest EMA decay.")
-    parser.add_argument(
-        "--use_ema_warmup", action="store_true", help="Ramp the EMA decay up (--ema_inv_gamma, --ema_power)."
-    )
-    parser.add_argument(
-        "--ema_inv_gamma", type=positive_float, default=1.0, help="EMA warmup: inverse multiplicative factor."
-    )
+    parser.add_argument("--use_ema_warmup", action="store_true",
+                        help="Ramp the EMA decay up (--ema_inv_gamma, --ema_power).")
+    parser.add_argument("--ema_inv_gamma", type=positive_float, default=1.0,
+                        help="EMA warmup: inverse multiplicative factor.")
     parser.add_argument("--ema_power", type=positive_float, default=3 / 4, help="EMA warmup: power.")
     # ------------ Samples, checkpoints, logging, Hub ------------
     parser.add_argument("--eval_batch_size", type=positive_int, default=16, help="Images per row of a sample grid.")
-    parser.add_argument(
-        "--eval_num_inference_steps",
-        type=str,
-        default="1,2",
-        help="Sampling steps of each row of the sample grids, comma-separated (1 = one-step sampling).",
-    )
-    parser.add_argument(
-        "--validation_steps", type=positive_int, default=200, help="Save a sample grid every X optimizer steps."
-    )
+    parser.add_argument("--eval_num_inference_steps", type=str, default="1,2",
+                        help="Sampling steps of each row of the sample grids, comma-separated (1 = one-step sampling).")
+    parser.add_argument("--validation_steps", type=positive_int, default=200,
+                        help="Save a sample grid every X optimizer steps.")
     parser.add_argument("--save_model_epochs", type=positive_int, default=10, help="Save the pipeline every X epochs.")
-    parser.add_argument(
-        "--checkpointing_steps",
-        type=positive_int,
-        default=500,
-        help="Save the training state every X optimizer steps (resume with --resume_from_checkpoint).",
-    )
-    parser.add_argument(
-        "--checkpoints_total_limit", type=positive_int, default=None, help="Keep at most this many checkpoints."
-    )
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help="'latest' (starts fresh when there is none yet), or a checkpoint folder name or path.",
-    )
-    parser.add_argument(
-        "--logger", "--report_to", dest="logger", type=str, default="tensorboard", choices=("tensorboard", "wandb")
-    )
-    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
     parser.add_argument("--tracker_project_name", type=str, default="consistency-training")
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
-    parser.add_argument("--hub_token", type=str, default=None, help="Token for the Hub (default: your login).")
-    parser.add_argument(
-        "--hub_model_id", type=str, default=None, help="Repository to push to (default: the folder name)."
-    )
-    parser.add_argument("--hub_private_repo", action="store_true", help="Create the repository as private.")
+    add_run_args(parser, logger_flag=True)
     add_assignment_args(parser)
 
     args = parser.parse_args(input_args)
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_local_rank != -1 and env_local_rank != args.local_rank:
-        args.local_rank = env_local_rank
     for flag in ("unet_block_out_channels", "eval_num_inference_steps"):
         text = getattr(args, flag)
         try:
@@ -371,9 +225,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         if any(v < 1 for v in values):
             parser.error(f"--{flag} must be positive integers, got {text!r}")
         setattr(args, flag, values)
-    if args.resolution is None:
-        using_digits = args.dataset_name is None and args.train_data_dir is None
-        args.resolution = DIGITS_DEFAULT_RESOLUTION if using_digits else 64
+    finish_image_args(parser, args)
     try:
         check_args(args)
     except ValueError as error:
@@ -392,62 +244,24 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.class_conditional and (args.num_classes is not None or args.class_embed_type is not None):
         raise ValueError("--num_classes and --class_embed_type need --class_conditional")
     # Checked here, not per step: a distribution that puts no mass on [sigma_min, sigma_max] fails at once.
-    ConsistencyDiscretization.build(
-        args.discretization_s_0 + 1,
-        sigma_min=args.sigma_min,
-        sigma_max=args.sigma_max,
-        rho=args.rho,
-        p_mean=args.p_mean,
-        p_std=args.p_std,
-        skip_steps=args.skip_steps,
-    )
+    discretization_with(args.discretization_s_0 + 1, args)
 
 
 def build_unet(args: argparse.Namespace, num_classes: int | None) -> UNet2DModel:
     """The student UNet: pretrained weights, a config, or a small default sized by the --unet_* flags."""
     class_kwargs = {"num_class_embeds": num_classes, "class_embed_type": args.class_embed_type} if num_classes else {}
-    if args.pretrained_model_name_or_path is not None:
-        unet = UNet2DModel.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
-        )
-        check_unet_resolution(args.resolution, unet.config.down_block_types)
-        if num_classes and unet.config.num_class_embeds != num_classes:
-            raise ValueError(
-                f"the pretrained UNet has num_class_embeds={unet.config.num_class_embeds}, but the data has "
-                f"{num_classes} classes"
-            )
-        return unet
-    if args.model_config_name_or_path is not None:
-        source = args.model_config_name_or_path
-        looks_like_a_path = os.path.sep in source or source.endswith(".json") or source.startswith(".")
-        if looks_like_a_path and not os.path.exists(source):
-            raise ValueError(f"--model_config_name_or_path {source!r} does not exist")
-        config = UNet2DModel.load_config(source)
-        if args.num_channels is not None and args.num_channels != config["in_channels"]:
-            raise ValueError(
-                f"--num_channels {args.num_channels} does not match the model config's in_channels "
-                f"{config['in_channels']}"
-            )
-        check_unet_resolution(args.resolution, config["down_block_types"])
-        return UNet2DModel.from_config(config, sample_size=args.resolution, **class_kwargs)
-
-    widths = args.unet_block_out_channels
-    levels = len(widths)
-    check_unet_resolution(args.resolution, ["DownBlock2D"] * levels)
-    num_channels = args.num_channels or (1 if args.dataset_name is None and args.train_data_dir is None else 3)
-    # Attention only at the coarsest level, where it is cheap; GroupNorm groups must divide every width.
-    return UNet2DModel(
-        sample_size=args.resolution,
-        in_channels=num_channels,
-        out_channels=num_channels,
-        layers_per_block=args.unet_layers_per_block,
-        block_out_channels=widths,
-        down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
-        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
-        norm_num_groups=math.gcd(32, *widths),
-        dropout=args.unet_dropout,
-        **class_kwargs,
+    if args.pretrained_model_name_or_path is None:
+        return build_default_unet(args, dropout=args.unet_dropout, **class_kwargs)
+    unet = UNet2DModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
     )
+    check_unet_resolution(args.resolution, unet.config.down_block_types)
+    if num_classes and unet.config.num_class_embeds != num_classes:
+        raise ValueError(
+            f"the pretrained UNet has num_class_embeds={unet.config.num_class_embeds}, but the data has "
+            f"{num_classes} classes"
+        )
+    return unet
 
 
 def build_discretization(
@@ -461,6 +275,13 @@ def build_discretization(
         args.discretization_s_1,
         constant=args.constant_discretization_steps,
     )
+    return discretization_with(num_sigmas, args, device)
+
+
+def discretization_with(
+    num_sigmas: int, args: argparse.Namespace, device: str | torch.device = "cpu"
+) -> ConsistencyDiscretization:
+    """``num_sigmas`` Karras noise levels and their sampling probabilities, from the --sigma_*/--rho/--p_* flags."""
     return ConsistencyDiscretization.build(
         num_sigmas,
         sigma_min=args.sigma_min,
@@ -512,19 +333,10 @@ def compute_loss(
     The noise and the noise levels are drawn from ``noise_generator`` (torch's global generator when ``None``),
     the KNN candidates from ``knn_generator``.
     """
-    # Sample one noise per image, as in vanilla consistency training.
-    noise = torch.randn(
-        clean_images.shape, dtype=clean_images.dtype, device=clean_images.device, generator=noise_generator
+    # Sample the batch's noise and assign it to the images (Immiscible Diffusion), before anything else is drawn.
+    noise, assigned_noise, stats, assign_seconds = draw_assigned_noise(
+        clean_images, args, knn_generator, noise_generator
     )
-
-    # Immiscible Diffusion: re-pair the batch's noise with its images, once per step. Linear assignment draws
-    # nothing random and KNN draws its candidates from its own generator, so the main random stream (noise
-    # above, noise levels below, data order) is the same for every --assignment: the runs stay comparable.
-    start = time.perf_counter()
-    assigned_noise, stats = assign_noise(
-        clean_images, noise, **assignment_kwargs(args), generator=knn_generator, return_stats=True
-    )
-    assign_seconds = time.perf_counter() - start
 
     # Noise levels are drawn after the assignment (timesteps come after it in the authors' code): pair i is
     # (sigma_i, sigma_{i+skip}), picked with iCT's discretized lognormal probabilities.
@@ -580,13 +392,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed % 2**63, epoch]).generate_state(1, dtype=np.uint64)[0] % 2**63)
 
 
-def ema_unet_copy(ema_model: EMAModel, unet: UNet2DModel) -> UNet2DModel:
-    """A fresh UNet holding the EMA weights (the training weights are left untouched)."""
-    ema_unet = UNet2DModel.from_config(unet.config)
-    ema_model.copy_to(ema_unet.parameters())
-    return ema_unet
-
-
 def stock_scheduler(num_sigmas: int, args: argparse.Namespace) -> CMStochasticIterativeScheduler:
     """The stock scheduler whose noise levels are those of the curriculum stage with ``num_sigmas`` levels."""
     return CMStochasticIterativeScheduler(
@@ -613,32 +418,12 @@ def generate_sample_grid(
 
 
 def save_pipeline_with_card(
-    output_dir: Path,
-    unet: UNet2DModel,
-    scheduler: CMStochasticIterativeScheduler,
-    args: argparse.Namespace,
-    global_step: int,
-    sample_grid: Path | None,
-    huber_c: float,
-    num_processes: int = 1,
-    hub_repo_id: str | None = None,
+    run: TrainingRun, unet: UNet2DModel, scheduler: CMStochasticIterativeScheduler, grid: Path | None, huber_c: float
 ) -> None:
     """The pipeline (stock consistency classes), ``training_config.json`` and the model card ``README.md``."""
-    ConsistencyModelPipeline(unet=unet, scheduler=scheduler).save_pretrained(output_dir)
-    dataset = dataset_display_name(args.dataset_name, args.train_data_dir)
-    num_sigmas = scheduler.config.num_train_timesteps
-    save_training_config(
-        output_dir,
-        args,
-        global_step,
-        script=SCRIPT_NAME,
-        dataset=dataset,
-        num_processes=num_processes,
-        num_discretization_steps=num_sigmas,
-        num_classes=unet.config.num_class_embeds,
-        huber_c_used=huber_c,
-    )
-    repo = hub_repo_id or str(output_dir)
+    ConsistencyModelPipeline(unet=unet, scheduler=scheduler).save_pretrained(run.output_dir)
+    args, num_sigmas = run.args, scheduler.config.num_train_timesteps
+    repo = run.hub_repo_id or str(run.output_dir)
     labels = "class_labels=[0, 1, 2, 3], " if unet.config.num_class_embeds else ""
     usage = f"""
 from diffusers import ConsistencyModelPipeline
@@ -647,125 +432,49 @@ pipeline = ConsistencyModelPipeline.from_pretrained("{repo}")
 images = pipeline(batch_size=4, {labels}num_inference_steps=1).images  # one-step sampling
 images = pipeline(batch_size=4, {labels}num_inference_steps=2).images  # two-step sampling
 """
-    settings = (
-        "assignment",
-        "knn_k",
-        "assignment_distance",
-        "assignment_dtype",
-        "assignment_scope",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "resolution",
-        "learning_rate",
-        "lr_scheduler",
-        "lr_warmup_steps",
-        "optimizer_type",
-        "sigma_min",
-        "sigma_max",
-        "rho",
-        "p_mean",
-        "p_std",
-        "discretization_s_0",
-        "discretization_s_1",
-        "huber_c",
-        "teacher_ema_decay",
-        "use_ema",
-        "ema_max_decay",
-        "class_conditional",
-        "mixed_precision",
-        "seed",
-    )
-    card_extra = {
-        key: getattr(args, key)
-        for key in ("sigma_min", "sigma_max", "rho", "p_mean", "p_std", "discretization_s_0", "discretization_s_1")
-    } | {"huber_c": huber_c, "teacher_ema_decay": args.teacher_ema_decay, "class_conditional": args.class_conditional}
+    ct_settings = ("sigma_min", "sigma_max", "rho", "p_mean", "p_std", "discretization_s_0", "discretization_s_1")
+    card_extra = {key: getattr(args, key) for key in ct_settings}
+    card_extra |= {"huber_c": huber_c, "teacher_ema_decay": args.teacher_ema_decay}
     base_model = args.pretrained_model_name_or_path
-    title = f"Consistency model on {dataset}" + ("" if args.assignment == "none" else " with immiscible diffusion")
-    write_model_card(
-        output_dir,
-        title=title,
-        metadata=training_card_metadata(
-            args,
-            script=SCRIPT_NAME,
-            global_step=global_step,
-            dataset=dataset,
-            num_discretization_steps=num_sigmas,
-            **card_extra,
-        ),
+    teacher = (
+        "the student itself without gradient (iCT)."
+        if args.teacher_ema_decay == 0
+        else f"an exponential moving average of the student (decay {args.teacher_ema_decay})."
+    )
+    run.save_card(
+        grid,
+        title=f"Consistency model on {run.dataset}",
+        settings=("optimizer_type", *ct_settings, "teacher_ema_decay", "ema_max_decay", "class_conditional"),
+        config={"num_discretization_steps": num_sigmas, "num_classes": unet.config.num_class_embeds,
+                "huber_c_used": huber_c},
+        metadata={"num_discretization_steps": num_sigmas, **card_extra, "class_conditional": args.class_conditional},
+        table={"huber_c": huber_c, "num_discretization_steps": num_sigmas},
         pipeline_tag="unconditional-image-generation",
         usage_code=usage,
         summary=(
             f"A UNet2DModel ({unet.num_parameters() / 1e6:.2f}M parameters) trained "
             + ("from scratch" if base_model is None else f"from `{base_model}`")
-            + f" by improved consistency training (iCT) for {global_step} steps to generate "
-            f"{args.resolution}x{args.resolution} images like those "
-            f"of `{dataset}` in one or a few steps. At every step one noise z per image gave both the student's "
-            "input x + sigma_(i+1) z and the teacher's input x + sigma_i z"
-            + ("" if args.assignment == "none" else " (z being the assigned noise)")
-            + "; the teacher was "
-            + (
-                "the student itself without gradient (iCT)."
-                if args.teacher_ema_decay == 0
-                else f"an exponential moving average of the student (decay {args.teacher_ema_decay})."
-            )
+            + f" by improved consistency training (iCT) for {run.global_step} steps to generate "
+            f"{args.resolution}x{args.resolution} images like those of `{run.dataset}` in one or a few steps. At "
+            "every step one noise z per image gave both the student's input x + sigma_(i+1) z and the teacher's "
+            "input x + sigma_i z" + ("" if args.assignment == "none" else " (z being the assigned noise)")
+            + "; the teacher was " + teacher
         ),
-        training_config={key: getattr(args, key) for key in settings}
-        | {"huber_c": huber_c, "num_discretization_steps": num_sigmas, "global_step": global_step},
-        hub_datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else [],
         base_model=base_model if base_model and not os.path.isdir(base_model) else None,
         extra_tags=("unconditional-image-generation", "consistency-models", "consistency-training"),
-        sample_grid=sample_grid.relative_to(output_dir).as_posix() if sample_grid else None,
-    )
+    )  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
-    output_dir = Path(args.output_dir)
-    logging_dir = output_dir / args.logging_dir
-    accelerator_project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir))
-    if args.logger == "wandb" and not is_wandb_available():
-        raise ImportError("--logger wandb needs wandb: pip install wandb")
-    if args.logger == "wandb" and args.hub_token is not None:
-        raise ValueError("--hub_token with --logger wandb would expose the token; log in with `hf auth login` instead")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.logger,
-        project_config=accelerator_project_config,
-        cpu=use_cpu_processes(),
-    )
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
-    )
-    logger.info(accelerator.state, main_process_only=False)
-
-    # The same seed everywhere for the weights (DDP also broadcasts rank 0's); each process then draws its own noise.
-    if args.seed is not None:
-        set_seed(args.seed)
-
-    # Checked before anything is built, so that a mistyped checkpoint name fails at once.
-    checkpoint = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
-    hub_repo_id = None
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(output_dir)
-        if args.push_to_hub:
-            hub_repo_id = create_hub_repo(
-                output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo
-            )
+    run = TrainingRun(
+        args, script=SCRIPT_NAME, report_to=args.logger, tracker_project=args.tracker_project_name,
+        prediction_type=args.prediction_type,
+    )  # fmt: skip
 
     # Get the dataset first: a class-conditional UNet needs the number of classes.
-    dataset = load_image_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir,
-        image_column=args.image_column,
-        cache_dir=args.cache_dir,
-        max_train_samples=args.max_train_samples,
-        seed=args.seed,
-    )
-    check_batch_size(len(dataset), args.train_batch_size, accelerator.num_processes)
+    dataset = load_dataset_from_args(args)
+    check_batch_size(len(dataset), args.train_batch_size, run.accelerator.num_processes)
     num_classes = None
     if args.class_conditional:
         found = infer_num_classes(dataset, args.class_label_column)
@@ -775,286 +484,85 @@ def main(args: argparse.Namespace) -> None:
 
     # Initialize the student model.
     model = build_unet(args, num_classes)
-    num_channels = model.config.in_channels
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    huber_c = args.huber_c or default_huber_c(num_channels * args.resolution**2)
+    huber_c = args.huber_c or default_huber_c(model.config.in_channels * args.resolution**2)
 
-    # Create EMA for the model (the weights sampled and saved; never the teacher).
-    ema_model = None
+    # An EMA of the student (the weights sampled and saved; never the teacher), moved and checkpointed by the run.
     if args.use_ema:
-        ema_model = EMAModel(
-            model.parameters(),
-            decay=args.ema_max_decay,
-            min_decay=args.ema_max_decay if args.ema_min_decay is None else args.ema_min_decay,
-            use_ema_warmup=args.use_ema_warmup,
-            inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power,
-            model_cls=UNet2DModel,
-            model_config=model.config,
-        )
-        accelerator.register_for_checkpointing(ema_model)
-
+        min_decay = args.ema_max_decay if args.ema_min_decay is None else args.ema_min_decay
+        run.track_ema(ema_of(model, args, min_decay=min_decay, use_ema_warmup=args.use_ema_warmup))
     # The original CT's EMA teacher: a separate copy, saved with every checkpoint. iCT's teacher (decay 0) is the
     # student itself, evaluated without gradient in `compute_loss`.
     ema_teacher = None
     if args.teacher_ema_decay > 0:
         ema_teacher = copy.deepcopy(model).requires_grad_(False)
-        accelerator.register_for_checkpointing(ema_teacher)
+        run.move_with_model(ema_teacher)
 
     if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer_class = torch.optim.RAdam if args.optimizer_type == "radam" else torch.optim.AdamW
-    optimizer = optimizer_class(
-        model.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * run.accelerator.num_processes
+    optimizer = build_optimizer(model.parameters(), args, args.optimizer_type)
 
-    transform = image_transform(args.resolution, args.center_crop, args.random_flip, num_channels)
+    transform = image_transform(args.resolution, args.center_crop, args.random_flip, model.config.in_channels)
     label_column = args.class_label_column if args.class_conditional else None
     dataset = with_image_and_label_transform(dataset, args.image_column, label_column, transform)
-    logger.info(f"Dataset size: {len(dataset)}")
-
-    # Incomplete batches are dropped: the assignment's effect depends on the batch size. The data order
-    # comes from its own generator, reseeded at every epoch from (--seed, epoch), so a resumed run sees the
-    # very batches the uninterrupted run would have seen, in any epoch.
-    data_generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    train_dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-        generator=data_generator,
-    )
-
-    # Scheduler and math around the number of training steps (per process, as diffusers' examples).
-    num_update_steps_per_epoch = math.ceil(
-        len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps
-    )
-    if args.max_train_steps is None:
-        max_train_steps = args.num_epochs * num_update_steps_per_epoch
-    else:
-        max_train_steps = args.max_train_steps
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        # The prepared scheduler steps once per process per optimizer step.
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
-
-    # Prepare everything with our `accelerator`.
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
-    )
-    if ema_model is not None:
-        ema_model.to(accelerator.device)
-    if ema_teacher is not None:
-        ema_teacher.to(accelerator.device)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
-
-    if args.seed is not None:
-        set_seed(args.seed, device_specific=True)
-    noise_generator = noise_generator_for(args.seed, accelerator.process_index, accelerator.device)
-    knn_generator = assignment_generator(args.seed, accelerator.process_index, accelerator.device)
-    # Saved with each checkpoint (as accelerate saves the global RNG states), so a resumed run draws on.
-    accelerator.register_for_checkpointing(CheckpointableGenerator(noise_generator))
-    accelerator.register_for_checkpointing(CheckpointableGenerator(knn_generator))
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name)
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(dataset)}")
-    logger.info(f"  Num Epochs = {num_epochs}")
-    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
-    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
-    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
-    logger.info(f"  Total optimization steps = {max_train_steps}")
-    logger.info(f"  Assignment = {args.assignment} (scope {args.assignment_scope})")
+    train_dataloader, data_generator = training_dataloader(dataset, args, run.accelerator.num_processes)
+    model, optimizer, train_dataloader, lr_scheduler = run.prepare(
+        model, optimizer, train_dataloader, num_epochs=args.num_epochs, data_generator=data_generator,
+        epoch_seed=epoch_seed, extra_generators=[(noise_generator_for, "consistency-noise")],
+    )  # fmt: skip
+    noise_generator, knn_generator = run.reseeded[0][0], run.knn_generator
     logger.info(f"  Pseudo-Huber c = {huber_c:.5f}; teacher EMA decay = {args.teacher_ema_decay}")
 
-    global_step = 0
-    first_epoch = 0
-    resume_batches = 0
-    if args.resume_from_checkpoint and checkpoint is None:
-        logger.info("No checkpoint to resume from yet: starting a new training run.")
-    if checkpoint is not None:
-        logger.info(f"Resuming from checkpoint {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        if ema_model is not None:
-            ema_model.to(accelerator.device)  # its weights come back on the CPU
-        global_step = checkpoint_step(checkpoint)
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-
     # The curriculum depends on the step only, so a resumed run continues at the same stage.
-    discretization = build_discretization(global_step, max_train_steps, args, accelerator.device)
+    stage = {"discretization": build_discretization(run.global_step, run.max_train_steps, args, run.device)}
 
-    def teacher() -> torch.nn.Module:
-        return ema_teacher if ema_teacher is not None else accelerator.unwrap_model(model)
+    def train_step(batch: dict) -> tuple:
+        teacher = ema_teacher if ema_teacher is not None else run.accelerator.unwrap_model(model)
+        clean_images = batch["input"]
+        step = compute_loss(
+            model, teacher, clean_images, batch.get("class_labels"), stage["discretization"], huber_c, args,
+            noise_generator, knn_generator,
+        )  # fmt: skip
+        draws = (step.noise_before_assignment, step.pair_indices)
+        return step.loss, (step.assignment_stats, step.assign_seconds, clean_images, draws)
 
-    def save_models(folder: Path) -> None:
-        # Plain `save_pretrained` folders, so evaluation can load any checkpoint's model without accelerate.
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(folder / "unet")
-        if ema_model is not None:
-            ema_unet_copy(ema_model, unwrapped).save_pretrained(folder / "unet_ema")
+    def scheduler() -> CMStochasticIterativeScheduler:
+        return stock_scheduler(stage["discretization"].num_sigmas, args)
 
-    def model_for_inference() -> UNet2DModel:
-        unwrapped = accelerator.unwrap_model(model)
-        return ema_unet_copy(ema_model, unwrapped) if ema_model is not None else unwrapped
-
-    def save_samples(step: int) -> Path:
-        unet = model_for_inference()
+    def generate(unet: UNet2DModel) -> list:
         was_training = unet.training
-        grid = generate_sample_grid(
-            unet.eval(), stock_scheduler(discretization.num_sigmas, args), args, accelerator.device
-        )
+        grid = generate_sample_grid(unet.eval(), scheduler(), args, run.device)
         unet.train(was_training)
-        path = output_dir / "samples" / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
-        if args.logger == "tensorboard":
-            tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-            tracker.add_image("samples", pil_to_tensor(grid), step)
-        return path
+        return [grid]
 
-    train_log = TrainLog(output_dir, accelerator, resume_step=global_step)
-    step_stats = StepAccumulator()
-    progress_bar = tqdm(
-        total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
-    )
+    def save(unet: UNet2DModel, grid: Path | None) -> None:
+        save_pipeline_with_card(run, unet, scheduler(), grid, huber_c)
 
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
-            break
-        model.train()
-        if data_generator is not None:
-            data_generator.manual_seed(epoch_seed(args.seed, epoch))
-        batches = train_dataloader
-        if epoch == first_epoch and resume_batches > 0:
-            batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        micro_step = 0  # micro-batches of the current optimizer step so far (gradient accumulation)
-        for batch in batches:
-            clean_images = batch["input"]
-            class_labels = batch.get("class_labels")
-            if args.seed is not None:
-                # Draws that depend on where the run is: accelerate restores registered generators from the
-                # main process only, so without this every process would resume with rank 0's noise.
-                for generator, stream in ((noise_generator, "consistency-noise"), (knn_generator, "assignment")):
-                    if generator is not None:
-                        reseed_assignment_generator(
-                            generator, args.seed, accelerator.process_index, global_step, micro_step, stream=stream
-                        )
-            micro_step += 1
-            with accelerator.accumulate(model):
-                step = compute_loss(
-                    model,
-                    teacher(),
-                    clean_images,
-                    class_labels,
-                    discretization,
-                    huber_c,
-                    args,
-                    noise_generator,
-                    knn_generator,
-                )
-                accelerator.backward(step.loss)
-                if accelerator.sync_gradients:
-                    micro_step = 0
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            step_stats.add(
-                step.loss.detach(),
-                step.assignment_stats,
-                step.assign_seconds,
-                clean_images,
-                (step.noise_before_assignment, step.pair_indices),
-            )
+    def after_step(global_step: int) -> None:
+        if ema_teacher is not None:
+            update_teacher(ema_teacher, run.accelerator.unwrap_model(model), args.teacher_ema_decay)
+        num_sigmas = stage["discretization"].num_sigmas
+        run.accelerator.log({"consistency/num_discretization_steps": num_sigmas}, step=global_step)
+        # Every process moves to the next stage of the curriculum at the same step.
+        if discretization_steps(
+            global_step, run.max_train_steps, args.discretization_s_0, args.discretization_s_1,
+            constant=args.constant_discretization_steps,
+        ) != num_sigmas:  # fmt: skip
+            stage["discretization"] = build_discretization(global_step, run.max_train_steps, args, run.device)
+        if run.is_main_process and global_step % args.validation_steps == 0 and global_step < run.max_train_steps:
+            with rng_preserved(run.device):
+                run.save_samples(generate)
 
-            # Checks if the accelerator has performed an optimization step behind the scenes
-            if accelerator.sync_gradients:
-                if ema_teacher is not None:
-                    update_teacher(ema_teacher, accelerator.unwrap_model(model), args.teacher_ema_decay)
-                if ema_model is not None:
-                    ema_model.step(model.parameters())
-                global_step += 1
-                values = step_stats.reduce(accelerator)
-                step_stats.reset()
-                lr = lr_scheduler.get_last_lr()[0]
-                train_log.log(global_step, epoch, lr, values)
-                accelerator.log({"consistency/num_discretization_steps": discretization.num_sigmas}, step=global_step)
-                progress_bar.update(1)
-                progress_bar.set_postfix(
-                    loss=f"{values['loss']:.4f}",
-                    N=discretization.num_sigmas,
-                    dist=f"{values['assign_distance_before']:.3f}->{values['assign_distance_after']:.3f}",
-                )
-                # Every process moves to the next stage of the curriculum at the same step.
-                if discretization_steps(
-                    global_step, max_train_steps, args.discretization_s_0, args.discretization_s_1,
-                    constant=args.constant_discretization_steps,
-                ) != discretization.num_sigmas:  # fmt: skip
-                    discretization = build_discretization(global_step, max_train_steps, args, accelerator.device)
-                if global_step % args.checkpointing_steps == 0:
-                    path = save_checkpoint(
-                        accelerator, output_dir, global_step, save_models, args.checkpoints_total_limit
-                    )
-                    logger.info(f"Saved state to {path}")
-                sample_now = global_step % args.validation_steps == 0 and global_step < max_train_steps
-                if accelerator.is_main_process and sample_now:
-                    save_samples(global_step)
-                if global_step >= max_train_steps:
-                    break
+    def after_epoch(epoch: int) -> None:
+        if epoch % args.save_model_epochs == 0:
+            run.save_pipeline(save)
 
-        # The pipeline every few epochs (the final one is saved after the loop).
-        if accelerator.is_main_process and global_step < max_train_steps and epoch % args.save_model_epochs == 0:
-            save_pipeline_with_card(
-                output_dir,
-                model_for_inference(),
-                stock_scheduler(discretization.num_sigmas, args),
-                args,
-                global_step,
-                None,
-                huber_c,
-                accelerator.num_processes,
-                hub_repo_id,
-            )
-
-    progress_bar.close()
-    train_log.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        grid = save_samples(global_step)
-        save_pipeline_with_card(
-            output_dir,
-            model_for_inference(),
-            stock_scheduler(discretization.num_sigmas, args),
-            args,
-            global_step,
-            grid,
-            huber_c,
-            accelerator.num_processes,
-            hub_repo_id,
-        )
-        logger.info(f"Saved the pipeline, its model card and samples to {output_dir} (step {global_step})")
-        if args.push_to_hub:
-            url = push_output_dir(output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo)
-            logger.info(f"Pushed to {url}")
-    accelerator.end_training()
-
+    run.train(train_step, after_step=after_step, after_epoch=after_epoch)
+    run.finish(lambda: run.save_final(generate, save))
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_entry_point(lambda: main(parse_args()))

@@ -23,8 +23,6 @@ Add ``--rank 4`` to train LoRA adapters of the UNet's attention projections inst
 from __future__ import annotations
 
 import argparse
-import logging
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -35,79 +33,50 @@ import diffusers
 import numpy as np
 import torch
 import transformers
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, is_wandb_available
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.import_utils import is_xformers_available
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from immiscible_diffusers.data import dataset_display_name, image_transform, load_image_dataset
-from immiscible_diffusers.hub import create_hub_repo, push_output_dir
+from immiscible_diffusers.arguments import (
+    LR_SCHEDULERS,
+    TRACKERS,
+    add_adam_args,
+    add_assignment_args,
+    add_debug_arg,
+    assignment_kwargs,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from immiscible_diffusers.data import dataset_display_name, image_transform
+from immiscible_diffusers.errors import run_entry_point
 from immiscible_diffusers.latent import PREDICTION_TYPES, NoisedLatents, prepare_noise_and_target, snr_weighted_mse
 from immiscible_diffusers.model_card import training_card_metadata, write_model_card
-from immiscible_diffusers.training import (
-    CheckpointableGenerator,
-    StepAccumulator,
-    TrainLog,
-    add_assignment_args,
-    assignment_generator,
-    assignment_kwargs,
-    check_batch_size,
-    checkpoint_step,
-    non_negative_int,
-    positive_int,
-    reseed_assignment_generator,
-    remove_partial_checkpoints,
-    resolve_resume_checkpoint,
-    save_checkpoint,
-    save_sample_grid,
-    save_training_config,
-    use_cpu_processes,
-)
+from immiscible_diffusers.optimizers import build_optimizer
+from immiscible_diffusers.processes import check_batch_size
+from immiscible_diffusers.run import CARD_SETTINGS, TrainingRun, load_dataset_from_args, training_dataloader
+from immiscible_diffusers.training import save_sample_grid, save_training_config
 
 logger = get_logger(__name__, log_level="INFO")
 
 SCRIPT_NAME = "train_text_to_image.py"
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # The attention projections of the UNet, as in diffusers' LoRA example.
 LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Captions of the bundled digits, the offline default dataset.
 DIGITS_CAPTION = "a handwritten digit {label}"
-
-
-def non_negative_float(value: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not (math.isfinite(number) and number >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return number
-
-
-def positive_float(value: str) -> float:
-    """argparse type: a finite number > 0."""
-    number = non_negative_float(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return number
+PRETRAINED_HELP = (
+    "A Stable Diffusion pipeline (Hub id or folder) with vae/, text_encoder/, tokenizer/, unet/, scheduler/."
+)
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        required=True,
-        help="A Stable Diffusion pipeline (Hub id or folder) with vae/, text_encoder/, tokenizer/, unet/, scheduler/.",
-    )
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help=PRETRAINED_HELP)
     parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
     parser.add_argument(
@@ -121,166 +90,90 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Hub dataset.")
-    parser.add_argument(
-        "--train_data_dir",
-        type=str,
-        default=None,
-        help="A folder of images read as an imagefolder; a metadata.jsonl in it gives the captions.",
-    )
+    parser.add_argument("--train_data_dir", type=str, default=None,
+                        help="A folder of images read as an imagefolder; a metadata.jsonl in it gives the captions.")
     parser.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
-    parser.add_argument(
-        "--caption_column",
-        type=str,
-        default="text",
-        help="The dataset column holding a caption or a list of captions (one is picked at random per step).",
-    )
-    parser.add_argument(
-        "--max_train_samples",
-        type=positive_int,
-        default=None,
-        help="Train on this many examples only (picked after a shuffle with --seed), for debugging or quick runs.",
-    )
-    parser.add_argument(
-        "--validation_prompts",
-        type=str,
-        default=None,
-        nargs="+",
-        help="Prompts sampled every --validation_epochs and at the end (samples/step_<step>.png, tensorboard).",
-    )
+    parser.add_argument("--caption_column", type=str, default="text",
+                        help="The dataset column holding a caption or a list of captions (one is picked at random per "
+                             "step).")
+    parser.add_argument("--max_train_samples", type=positive_int, default=None,
+                        help="Train on this many examples only (picked after a shuffle with --seed), for debugging or "
+                             "quick runs.")
+    parser.add_argument("--validation_prompts", type=str, default=None, nargs="+",
+                        help="Prompts sampled every --validation_epochs and at the end (samples/step_<step>.png, "
+                             "tensorboard).")
     parser.add_argument("--validation_epochs", type=positive_int, default=5, help="Validate every X epochs.")
-    parser.add_argument(
-        "--validation_inference_steps", type=positive_int, default=20, help="Denoising steps of validation images."
-    )
-    parser.add_argument(
-        "--output_dir", type=str, default="sd-model-finetuned", help="Where the pipeline and checkpoints go."
-    )
+    parser.add_argument("--validation_inference_steps", type=positive_int, default=20,
+                        help="Denoising steps of validation images.")
+    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned",
+                        help="Where the pipeline and checkpoints go.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets go.")
     parser.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
-    parser.add_argument(
-        "--resolution",
-        type=positive_int,
-        default=512,
-        help="Side of the square training images (a multiple of the VAE's downsampling factor, 8 for SD).",
-    )
-    parser.add_argument(
-        "--center_crop", action="store_true", help="Crop the center of each image (default: a random crop)."
-    )
+    parser.add_argument("--resolution", type=positive_int, default=512,
+                        help="Side of the square training images (a multiple of the VAE's downsampling factor, 8 for "
+                             "SD).")
+    parser.add_argument("--center_crop", action="store_true",
+                        help="Crop the center of each image (default: a random crop).")
     parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     parser.add_argument("--train_batch_size", type=positive_int, default=16, help="Batch size per process.")
     parser.add_argument("--num_train_epochs", type=positive_int, default=100)
-    parser.add_argument(
-        "--max_train_steps",
-        type=positive_int,
-        default=None,
-        help="Total optimizer steps; overrides --num_train_epochs when given.",
-    )
+    parser.add_argument("--max_train_steps", type=positive_int, default=None,
+                        help="Total optimizer steps; overrides --num_train_epochs when given.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    parser.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="Recompute activations in the backward pass: far less memory, a slower step.",
-    )
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="Recompute activations in the backward pass: far less memory, a slower step.")
     parser.add_argument("--learning_rate", type=positive_float, default=1e-4)
-    parser.add_argument(
-        "--scale_lr",
-        action="store_true",
-        help="Multiply the learning rate by the number of processes, accumulation steps and batch size.",
-    )
+    parser.add_argument("--scale_lr", action="store_true",
+                        help="Multiply the learning rate by the number of processes, accumulation steps and batch "
+                             "size.")
     parser.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
     parser.add_argument("--lr_warmup_steps", type=non_negative_int, default=500)
-    parser.add_argument(
-        "--snr_gamma",
-        type=positive_float,
-        default=None,
-        help="Min-SNR loss weighting gamma (arXiv:2303.09556); 5.0 is the recommended value.",
-    )
+    parser.add_argument("--snr_gamma", type=positive_float, default=None,
+                        help="Min-SNR loss weighting gamma (arXiv:2303.09556); 5.0 is the recommended value.")
     parser.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet (full fine-tuning only).")
     parser.add_argument("--foreach_ema", action="store_true", help="Update the EMA with torch._foreach ops (faster).")
-    parser.add_argument(
-        "--dataloader_num_workers",
-        type=non_negative_int,
-        default=0,
-        help="Subprocesses that load data (0: in the main process).",
-    )
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument("--dataloader_num_workers", type=non_negative_int, default=0,
+                        help="Subprocesses that load data (0: in the main process).")
+    add_adam_args(parser, beta1=0.9, weight_decay=1e-2)
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
     parser.add_argument("--hub_token", type=str, default=None, help="Token for the Hub (default: your login).")
-    parser.add_argument(
-        "--hub_model_id", type=str, default=None, help="Repository to push to (default: the folder name)."
-    )
+    parser.add_argument("--hub_model_id", type=str, default=None,
+                        help="Repository to push to (default: the folder name).")
     parser.add_argument("--hub_private_repo", action="store_true", help="Create the repository as private.")
-    parser.add_argument(
-        "--license",
-        type=str,
-        default="creativeml-openrail-m",
-        help=(
-            "License in the model card. A fine-tune inherits its base model's license: creativeml-openrail-m "
-            "for Stable Diffusion 1.x (what diffusers' example writes), openrail++ for 2.x."
-        ),
-    )
-    parser.add_argument(
-        "--prediction_type",
-        type=str,
-        default=None,
-        choices=PREDICTION_TYPES,
-        help="What the UNet learns to predict. Default: the pretrained scheduler's prediction_type.",
-    )
+    parser.add_argument("--license", type=str, default="creativeml-openrail-m",
+                        help="License in the model card. A fine-tune inherits its base model's license: creativeml-"
+                             "openrail-m for Stable Diffusion 1.x (what diffusers' example writes), openrail++ for "
+                             "2.x.")
+    parser.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
+                        help="What the UNet learns to predict. Default: the pretrained scheduler's prediction_type.")
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
-    parser.add_argument(
-        "--mixed_precision",
-        type=str,
-        default=None,
-        choices=("no", "fp16", "bf16"),
-        help="Mixed precision; the frozen VAE and text encoder run in it too. Default: accelerate's config.",
-    )
-    parser.add_argument("--report_to", type=str, default="tensorboard", choices=("tensorboard", "wandb"))
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"),
+                        help="Mixed precision; the frozen VAE and text encoder run in it too. Default: accelerate's "
+                             "config.")
+    parser.add_argument("--report_to", type=str, default="tensorboard", choices=TRACKERS,
+                        help="tensorboard, wandb, or all installed.")
     parser.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
     parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
-    parser.add_argument(
-        "--checkpointing_steps",
-        type=positive_int,
-        default=500,
-        help="Save the training state every X optimizer steps (resume with --resume_from_checkpoint).",
-    )
-    parser.add_argument(
-        "--checkpoints_total_limit", type=positive_int, default=None, help="Keep at most this many checkpoints."
-    )
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help="'latest' (starts fresh when there is none yet), or a checkpoint folder name or path.",
-    )
-    parser.add_argument(
-        "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers' attention."
-    )
-    parser.add_argument(
-        "--noise_offset",
-        type=non_negative_float,
-        default=0.0,
-        help="Scale of the offset noise (a constant per sample and channel), added after the assignment; try 0.1.",
-    )
-    parser.add_argument(
-        "--input_perturbation",
-        type=non_negative_float,
-        default=0.0,
-        help="Scale of the input perturbation (extra noise in the UNet's input, not in the target); 0.1 is usual.",
-    )
-    parser.add_argument(
-        "--rank",
-        type=positive_int,
-        default=None,
-        help=(
-            "Train LoRA adapters of this rank on the UNet's attention projections (to_q, to_k, to_v, to_out.0) "
-            "instead of the whole UNet; saves pytorch_lora_weights.safetensors. Needs peft."
-        ),
-    )
+    parser.add_argument("--checkpointing_steps", type=positive_int, default=500,
+                        help="Save the training state every X optimizer steps (resume with --resume_from_checkpoint).")
+    parser.add_argument("--checkpoints_total_limit", type=positive_int, default=None,
+                        help="Keep at most this many checkpoints.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help="'latest' (starts fresh when there is none yet), or a checkpoint folder name or path.")
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                        help="Use xformers' attention.")
+    parser.add_argument("--noise_offset", type=non_negative_float, default=0.0,
+                        help="Scale of the offset noise (a constant per sample and channel), added after the "
+                             "assignment; try 0.1.")
+    parser.add_argument("--input_perturbation", type=non_negative_float, default=0.0,
+                        help="Scale of the input perturbation (extra noise in the UNet's input, not in the target); "
+                             "0.1 is usual.")
+    parser.add_argument("--rank", type=positive_int, default=None,
+                        help="Train LoRA adapters of this rank on the UNet's attention projections (to_q, to_k, to_v, "
+                             "to_out.0) instead of the whole UNet; saves pytorch_lora_weights.safetensors. Needs peft.")
+    add_debug_arg(parser)
     add_assignment_args(parser)
 
     args = parser.parse_args(input_args)
@@ -299,15 +192,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def load_captioned_dataset(args: argparse.Namespace):
     """The training split with ``--image_column`` images and ``--caption_column`` captions (checked)."""
-    dataset = load_image_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir,
-        image_column=args.image_column,
-        cache_dir=args.cache_dir,
-        max_train_samples=args.max_train_samples,
-        seed=args.seed,
-    )
+    dataset = load_dataset_from_args(args)
     if args.dataset_name is None and args.train_data_dir is None and args.caption_column not in dataset.column_names:
         captions = [DIGITS_CAPTION.format(label=label) for label in dataset["label"]]
         dataset = dataset.add_column(args.caption_column, captions)
@@ -370,11 +255,6 @@ def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
-
-
-def rng_preserved(device: torch.device):
-    """A context after which torch's global random state (and ``device``'s, for CUDA) is as it was before."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def check_pretrained_path(name_or_path: str) -> None:
@@ -542,10 +422,11 @@ def generate_validation_images(pipeline: StableDiffusionPipeline, args: argparse
 def log_validation_images(images: list, output_dir: Path, step: int, accelerator, args: argparse.Namespace) -> Path:
     """Save the grid as ``samples/step_<step>.png`` and send the images to tensorboard."""
     path = save_sample_grid(images, output_dir, step)
-    if args.report_to == "tensorboard":
+    names = {tracker.name for tracker in accelerator.trackers}
+    if "tensorboard" in names:
         tracker = accelerator.get_tracker("tensorboard", unwrap=True)
         tracker.add_images("validation", np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")
-    elif args.report_to == "wandb":
+    if "wandb" in names:
         import wandb
 
         tracker = accelerator.get_tracker("wandb", unwrap=True)
@@ -594,28 +475,8 @@ from diffusers import StableDiffusionPipeline
 image = pipeline({prompt!r}).images[0]
 image.save("image.png")
 """
-    settings = (
-        "pretrained_model_name_or_path",
-        "rank",
-        "assignment",
-        "knn_k",
-        "assignment_distance",
-        "assignment_dtype",
-        "assignment_scope",
-        "prediction_type",
-        "noise_offset",
-        "input_perturbation",
-        "snr_gamma",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "resolution",
-        "learning_rate",
-        "lr_scheduler",
-        "lr_warmup_steps",
-        "use_ema",
-        "mixed_precision",
-        "seed",
-    )
+    settings = ("pretrained_model_name_or_path", "rank", *CARD_SETTINGS, "prediction_type", "noise_offset",
+                "input_perturbation", "snr_gamma")  # fmt: skip
     what = f"LoRA adapters (rank {args.rank}) for the UNet of" if lora else "A fine-tune of"
     is_local = os.path.isdir(base)
     write_model_card(
@@ -655,55 +516,66 @@ image.save("image.png")
 # --------------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> None:
-    output_dir = Path(args.output_dir)
-    logging_dir = output_dir / args.logging_dir
-    accelerator_project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir))
-    if args.report_to == "wandb" and not is_wandb_available():
-        raise ImportError("--report_to wandb needs wandb: pip install wandb")
-    if args.report_to == "wandb" and args.hub_token is not None:
-        raise ValueError(
-            "--hub_token with --report_to wandb would expose the token; log in with `hf auth login` instead"
-        )
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=accelerator_project_config,
-        cpu=use_cpu_processes(),
-    )
-    # Recorded as resolved: the flag defaults to accelerate's config.
-    args.mixed_precision = accelerator.mixed_precision
+def checkpoint_in_diffusers_format(run: TrainingRun, unet, ema_unet: EMAModel | None, lora: bool, weight_dtype) -> None:
+    """Checkpoints hold the UNet in diffusers' format only (``unet/`` and ``unet_ema/``, or the LoRA weights), not
+    a second copy in accelerate's: these hooks skip accelerate's own copy and read the diffusers one on resume."""
+    accelerator = run.accelerator
 
-    # Make one log on every process with the configuration for debugging.
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
-    )
-    logger.info(accelerator.state, main_process_only=False)
+    def save_model_hook(models, weights, folder):
+        while weights:
+            weights.pop()
+
+    def load_model_hook(models, folder):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            if lora:
+                load_lora_weights_into(model, folder)
+                if weight_dtype != torch.float32:
+                    cast_training_params(model, dtype=torch.float32)
+            else:
+                loaded = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+                model.load_state_dict(loaded.state_dict())
+                del loaded
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), UNet2DConditionModel)
+            ema_unet.load_state_dict(loaded.state_dict())
+            del loaded
+
+    def save_models(folder: Path) -> None:
+        if lora:
+            save_lora_weights(folder, accelerator.unwrap_model(unet))
+            return
+        accelerator.unwrap_model(unet).save_pretrained(folder / "unet")
+        if ema_unet is not None:
+            ema_unet.save_pretrained(folder / "unet_ema")
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    run.save_models = save_models
+
+
+def quiet_libraries_off_the_main_process(accelerator) -> None:
+    """Library logs: warnings on the local main process (diffusers' info too), errors only elsewhere."""
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
         diffusers.utils.logging.set_verbosity_info()
     else:
-        datasets.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
+        for library in (datasets, transformers, diffusers):
+            library.utils.logging.set_verbosity_error()
 
-    # The same seed everywhere for LoRA's initial weights; each process then draws its own noise.
-    if args.seed is not None:
-        set_seed(args.seed)
 
-    # Checked before anything is built, so that a mistyped path or checkpoint name fails at once.
+def main(args: argparse.Namespace) -> None:
+    # Checked before anything is built, so that a mistyped path fails at once.
     check_pretrained_path(args.pretrained_model_name_or_path)
-    checkpoint = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
-    hub_repo_id = None
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(output_dir)
-        if args.push_to_hub:
-            hub_repo_id = create_hub_repo(
-                output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo
-            )
+    run = TrainingRun(
+        args, script=SCRIPT_NAME, report_to=args.report_to, tracker_project=args.tracker_project_name,
+        prediction_type=None,
+    )  # fmt: skip
+    accelerator = run.accelerator
+    # Recorded as resolved: the flag defaults to accelerate's config.
+    args.mixed_precision = accelerator.mixed_precision
+    quiet_libraries_off_the_main_process(accelerator)
 
     # Load scheduler, tokenizer and models. Training uses a DDPMScheduler with the pretrained schedule; the
     # saved pipeline keeps the pretrained (stock) inference scheduler.
@@ -719,6 +591,7 @@ def main(args: argparse.Namespace) -> None:
                 f"{PREDICTION_TYPES}"
             )
         args.prediction_type = base_prediction_type
+    run.recipe["prediction_type"] = args.prediction_type
     noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **pretrained)
     text_encoder = CLIPTextModel.from_pretrained(
@@ -739,11 +612,7 @@ def main(args: argparse.Namespace) -> None:
 
     # For mixed precision the frozen weights (VAE, text encoder, and the UNet under LoRA) are cast to half
     # precision: they are only used for inference, so full precision is not needed.
-    weight_dtype = torch.float32
-    if accelerator.mixed_precision == "fp16":
-        weight_dtype = torch.float16
-    elif accelerator.mixed_precision == "bf16":
-        weight_dtype = torch.bfloat16
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
 
@@ -758,12 +627,13 @@ def main(args: argparse.Namespace) -> None:
     else:
         trainable_params = list(unet.parameters())
 
-    # Create EMA for the unet.
+    # An EMA of the unet, moved with it by the run (checkpointed as unet_ema/ by the hooks below).
     ema_unet = None
     if args.use_ema:
         ema_unet = EMAModel(
             unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config, foreach=args.foreach_ema
         )
+        run.track_ema(ema_unet, register=False)
 
     if args.enable_xformers_memory_efficient_attention:
         if not is_xformers_available():
@@ -774,278 +644,69 @@ def main(args: argparse.Namespace) -> None:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    def unwrap(model):
-        return accelerator.unwrap_model(model)
-
-    # Checkpoints hold the UNet in diffusers' format only (written by `save_models` below: `unet/` and
-    # `unet_ema/`, or the LoRA weights), not a second copy in accelerate's: these hooks skip accelerate's
-    # own copy and read the diffusers-format one back on resume.
-    def save_model_hook(models, weights, folder):
-        while weights:
-            weights.pop()
-
-    def load_model_hook(models, folder):
-        while models:
-            model = unwrap(models.pop())
-            if lora:
-                load_lora_weights_into(model, folder)
-                if weight_dtype != torch.float32:
-                    cast_training_params(model, dtype=torch.float32)
-            else:
-                loaded = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-                model.load_state_dict(loaded.state_dict())
-                del loaded
-        if ema_unet is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), UNet2DConditionModel)
-            ema_unet.load_state_dict(loaded.state_dict())
-            ema_unet.to(accelerator.device)
-            del loaded
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    def save_models(folder: Path) -> None:
-        if lora:
-            save_lora_weights(folder, unwrap(unet))
-            return
-        unwrap(unet).save_pretrained(folder / "unet")
-        if ema_unet is not None:
-            ema_unet.save_pretrained(folder / "unet_ema")
+    checkpoint_in_diffusers_format(run, unet, ema_unet, lora, weight_dtype)
 
     if args.scale_lr:
-        args.learning_rate = (
-            args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-        )
-
-    # Initialize the optimizer.
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    optimizer = optimizer_cls(
-        trainable_params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = build_optimizer(trainable_params, args)
 
     # Get the dataset: a Hub dataset, an image folder with captions, or the bundled digits.
     with accelerator.main_process_first():
         dataset = load_captioned_dataset(args)
     check_batch_size(len(dataset), args.train_batch_size, accelerator.num_processes)
     train_dataset = with_text_to_image_transform(dataset, args, tokenizer)
-    logger.info(f"Dataset size: {len(train_dataset)}")
-
-    # Incomplete batches are dropped: the assignment's effect depends on the batch size. The data order
-    # comes from its own generator, re-seeded every epoch (below), so it depends on --seed and the epoch
-    # only and a run resumed at any step sees the batches an uninterrupted run would have seen.
-    data_generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        shuffle=True,
-        collate_fn=collate_fn,
-        batch_size=args.train_batch_size,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-        generator=data_generator,
+    train_dataloader, data_generator = training_dataloader(
+        train_dataset, args, accelerator.num_processes, collate_fn=collate_fn
     )
-
-    # Scheduler and math around the number of training steps (per process, as diffusers' examples).
-    num_update_steps_per_epoch = math.ceil(
-        len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps
+    unet, optimizer, train_dataloader, lr_scheduler = run.prepare(
+        unet, optimizer, train_dataloader, num_epochs=args.num_train_epochs, data_generator=data_generator
     )
-    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        # The prepared scheduler steps once per process per optimizer step.
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
-
-    # Prepare everything with our `accelerator`.
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, train_dataloader, lr_scheduler
-    )
-    if ema_unet is not None:
-        ema_unet.to(accelerator.device)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
-
-    if args.seed is not None:
-        set_seed(args.seed, device_specific=True)
-    knn_generator = assignment_generator(args.seed, accelerator.process_index, accelerator.device)
-    # Saved with each checkpoint (as accelerate saves the global RNG states), so a resumed run draws on.
-    accelerator.register_for_checkpointing(CheckpointableGenerator(knn_generator))
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name)
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(train_dataset)}")
-    logger.info(f"  Num Epochs = {num_epochs}")
-    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
-    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
-    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
-    logger.info(f"  Total optimization steps = {max_train_steps}")
     logger.info(f"  Trainable parameters = {sum(p.numel() for p in trainable_params):,} ({'LoRA' if lora else 'UNet'})")
-    logger.info(f"  Prediction type = {args.prediction_type}; assignment = {args.assignment} ({args.assignment_scope})")
+    logger.info(f"  Prediction type = {args.prediction_type}")
 
-    global_step = 0
-    first_epoch = 0
-    resume_batches = 0
-    if args.resume_from_checkpoint and checkpoint is None:
-        logger.info("No checkpoint to resume from yet: starting a new training run.")
-    if checkpoint is not None:
-        logger.info(f"Resuming from checkpoint {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    def train_step(batch: dict) -> tuple:
+        step = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, args, weight_dtype, run.knn_generator)
+        noised = step.noised
+        draws = [noised.noise_before_assignment, noised.timesteps]
+        draws += [d for d in (noised.offset, noised.perturbation) if d is not None]
+        return step.loss, (noised.assignment_stats, noised.assign_seconds, batch["pixel_values"], draws)
 
-    def validate(step: int) -> Path:
-        """Sample the validation prompts with the current (EMA, if any) weights."""
-        if ema_unet is not None:
-            # Sample with the EMA weights, then put the training weights back.
-            ema_unet.store(unet.parameters())
-            ema_unet.copy_to(unet.parameters())
-        try:
-            pipeline = build_pipeline(
-                args,
-                vae=vae,
-                text_encoder=text_encoder,
-                tokenizer=tokenizer,
-                unet=unwrap(unet),
-                safety_checker=None,
-                torch_dtype=weight_dtype,
-            )
+    def validate(epoch: int) -> None:
+        """Sample the validation prompts with the current (EMA, if any) weights every few epochs."""
+        if not args.validation_prompts or epoch % args.validation_epochs:
+            return
+        with run.model_for_inference() as trained_unet:
+            components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": trained_unet}
+            pipeline = build_pipeline(args, **components, safety_checker=None, torch_dtype=weight_dtype)
             images = generate_validation_images(pipeline, args, accelerator)
-        finally:
-            if ema_unet is not None:
-                ema_unet.restore(unet.parameters())
-        return log_validation_images(images, output_dir, step, accelerator, args)
+        log_validation_images(images, run.output_dir, run.global_step, accelerator, args)
 
-    train_log = TrainLog(output_dir, accelerator, resume_step=global_step)
-    step_stats = StepAccumulator()
-    progress_bar = tqdm(
-        total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
-    )
-
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
-            break
-        unet.train()
-        if data_generator is not None:
-            data_generator.manual_seed(args.seed + epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and resume_batches > 0:
-            batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        micro_step = 0  # micro-batches of the current optimizer step so far (gradient accumulation)
-        for batch in batches:
-            if args.seed is not None:
-                # KNN candidates that depend on where the run is, not on what it drew before: exact resumes,
-                # and each process keeps its own candidates after a multi-process resume.
-                reseed_assignment_generator(
-                    knn_generator, args.seed, accelerator.process_index, step=global_step, micro_step=micro_step
-                )
-            micro_step += 1
-            with accelerator.accumulate(unet):
-                step = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, args, weight_dtype, knn_generator)
-                accelerator.backward(step.loss)
-                if accelerator.sync_gradients:
-                    micro_step = 0
-                    accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            noised = step.noised
-            draws = [noised.noise_before_assignment, noised.timesteps]
-            draws += [d for d in (noised.offset, noised.perturbation) if d is not None]
-            step_stats.add(
-                step.loss.detach(), noised.assignment_stats, noised.assign_seconds, batch["pixel_values"], draws
-            )
-
-            # Checks if the accelerator has performed an optimization step behind the scenes
-            if accelerator.sync_gradients:
-                if ema_unet is not None:
-                    ema_unet.step(unet.parameters())
-                global_step += 1
-                values = step_stats.reduce(accelerator)
-                step_stats.reset()
-                lr = lr_scheduler.get_last_lr()[0]
-                train_log.log(global_step, epoch, lr, values)
-                progress_bar.update(1)
-                progress_bar.set_postfix(
-                    loss=f"{values['loss']:.4f}",
-                    lr=f"{lr:.2e}",
-                    dist=f"{values['assign_distance_before']:.3f}->{values['assign_distance_after']:.3f}",
-                )
-                if global_step % args.checkpointing_steps == 0:
-                    # The checkpoint holds the random state of this moment; saving the EMA copy builds a
-                    # UNet (random init), which must not move the training's random stream past it.
-                    with rng_preserved(accelerator.device):
-                        path = save_checkpoint(
-                            accelerator, output_dir, global_step, save_models, args.checkpoints_total_limit
-                        )
-                    logger.info(f"Saved state to {path}")
-                if global_step >= max_train_steps:
-                    break
-
-        # Validation images every few epochs (the final ones are made after the loop).
-        if accelerator.is_main_process and args.validation_prompts and global_step < max_train_steps:
-            if epoch % args.validation_epochs == 0:
-                with rng_preserved(accelerator.device):  # validating never changes what training draws
-                    validate(global_step)
-
-    progress_bar.close()
-    train_log.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        trained_unet = unwrap(unet)
+    def save_final() -> None:
+        trained_unet = accelerator.unwrap_model(unet)
         if lora:
-            save_lora_weights(output_dir, trained_unet)
+            save_lora_weights(run.output_dir, trained_unet)
             # As a user would: the base pipeline plus the saved file, which this also checks.
             pipeline = build_pipeline(args, safety_checker=None, torch_dtype=weight_dtype)
-            pipeline.load_lora_weights(output_dir, weight_name=LORA_WEIGHT_NAME)
+            pipeline.load_lora_weights(run.output_dir, weight_name=LORA_WEIGHT_NAME)
         else:
             if ema_unet is not None:
                 ema_unet.copy_to(trained_unet.parameters())
             # The frozen VAE and text encoder are reloaded, so they are saved as they were, never in the
             # half precision they ran in; the safety checker (if any) is kept.
             pipeline = build_pipeline(args, unet=trained_unet)
-            pipeline.save_pretrained(output_dir)
+            pipeline.save_pretrained(run.output_dir)
         grid = None
         if args.validation_prompts:
             images = generate_validation_images(pipeline, args, accelerator)
-            grid = log_validation_images(images, output_dir, global_step, accelerator, args)
+            grid = log_validation_images(images, run.output_dir, run.global_step, accelerator, args)
         save_run_files(
-            output_dir,
-            args,
-            global_step,
-            grid,
-            accelerator.num_processes,
-            hub_repo_id,
+            run.output_dir, args, run.global_step, grid, accelerator.num_processes, run.hub_repo_id,
             base_prediction_type,
-        )
-        saved = "LoRA weights" if lora else "pipeline"
-        logger.info(f"Saved the {saved} and model card to {output_dir} (step {global_step})")
-        if args.push_to_hub:
-            url = push_output_dir(
-                output_dir,
-                hub_repo_id,
-                token=args.hub_token,
-                private=args.hub_private_repo,
-                required_file=LORA_WEIGHT_NAME if lora else "model_index.json",
-            )
-            logger.info(f"Pushed to {url}")
-    accelerator.end_training()
+        )  # fmt: skip
+
+    run.train(train_step, clip_parameters=trainable_params, after_epoch=validate)
+    run.finish(save_final, required_file=LORA_WEIGHT_NAME if lora else "model_index.json")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_entry_point(lambda: main(parse_args()))

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUTPUT_DIR ?= outputs/demo
 
-.PHONY: install demo test benchmark gpu-check clean space browser-deps docs
+.PHONY: install demo test lint benchmark gpu-check clean space browser-deps docs
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) training_scripts/demo.py --output_dir $(OUTPUT_DIR)
 
-test: install browser-deps
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install browser-deps lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # The Space (spaces_app/app.py) on http://127.0.0.1:7860, showing the main job's two pipelines.

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import torch
+from assignment import CLOCKS, time_interleaved  # benchmarks/assignment.py, next to this script
 from diffusers import DDPMScheduler
 
-from assignment import CLOCKS, time_interleaved  # benchmarks/assignment.py, next to this script
 from immiscible_diffusers import ImmiscibleDDPMScheduler, assign_noise
 from immiscible_diffusers.provenance import command_line, provenance, provenance_markdown
 from immiscible_diffusers.schedulers import _fingerprint

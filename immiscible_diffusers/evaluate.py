@@ -49,7 +49,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DIGITS_DATASET_NAME
-from .model_index import pipeline_class_name, read_model_index
 from .metrics import (
     DigitsFeatureSpace,
     GaussianStatistics,
@@ -57,6 +56,7 @@ from .metrics import (
     frechet_distance_between,
     real_digits,
 )
+from .model_index import pipeline_class_name, read_model_index
 from .training import TRAIN_LOG_NAME, TRAINING_CONFIG_NAME, list_checkpoints, read_train_log
 
 RESULTS_CSV = "quality.csv"
@@ -238,10 +238,15 @@ def _ddpm_family_scheduler_config(run: RunInfo) -> dict[str, Any]:
 
     if (run.run_dir / "scheduler" / "scheduler_config.json").is_file():
         return dict(DDPMScheduler.load_config(run.run_dir / "scheduler"))
-    keys = {"ddpm_num_steps": "num_train_timesteps", "ddpm_beta_schedule": "beta_schedule", "prediction_type": "prediction_type"}
+    keys = {
+        "ddpm_num_steps": "num_train_timesteps",
+        "ddpm_beta_schedule": "beta_schedule",
+        "prediction_type": "prediction_type",
+    }
     if not all(run.setting(key) is not None for key in keys):
         raise ValueError(
-            f"run {str(run.run_dir)!r} has no scheduler/ folder and no training config to rebuild its noise schedule from"
+            f"run {str(run.run_dir)!r} has no scheduler/ folder and no training config to rebuild its noise "
+            "schedule from"
         )
     return dict(DDPMScheduler(**{name: run.setting(key) for key, name in keys.items()}).config)
 
@@ -308,7 +313,9 @@ def sample_consistency_model(run: RunInfo, model_dir: Path, options: SamplingOpt
 
 register_sampler(
     Sampler(
-        "consistency", sample_consistency_model, ("ConsistencyModelPipeline",),
+        "consistency",
+        sample_consistency_model,
+        ("ConsistencyModelPipeline",),
         "ConsistencyModelPipeline; --num_inference_steps 1 = one-step sampling",
     ),
     default_for=("ConsistencyModelPipeline",),
@@ -324,7 +331,9 @@ def sample_flow_euler(run: RunInfo, model_dir: Path, options: SamplingOptions) -
 
 register_sampler(
     Sampler(
-        "flow_euler", sample_flow_euler, ("FlowMatchingPipeline",),
+        "flow_euler",
+        sample_flow_euler,
+        ("FlowMatchingPipeline",),
         "Euler ODE (FlowMatchEulerDiscreteScheduler), uniform sigmas 1..1/n then 0",
     ),
     default_for=("FlowMatchingPipeline",),
@@ -374,7 +383,8 @@ class DigitsFrechetMetric:
         return frechet_distance_between(GaussianStatistics.from_features(self.space.features(images)), reference)
 
     def anchors(self, resolution: int, num_channels: int, num_samples: int) -> dict[str, tuple[float, int]]:
-        """``{"floor": (value, n), "ceiling": (value, n)}``: held-out real digits and Gaussian noise, scored as samples."""
+        """``{"floor": (value, n), "ceiling": (value, n)}``: held-out real digits and Gaussian noise, scored
+        as samples."""
         _, floor_images = self._real(resolution, num_channels)
         floor_count = min(num_samples, len(floor_images))
         generator = torch.Generator().manual_seed(self.seed)
@@ -412,7 +422,8 @@ class InceptionFrechetMetric:
     ) -> None:
         if reference is None:
             raise ValueError(
-                "--metrics fid needs --fid_reference: an .npz with 'mu' and 'sigma', a folder of images, or a dataset name"
+                "--metrics fid needs --fid_reference: an .npz with 'mu' and 'sigma', a folder of images, or a "
+                "dataset name"
             )
         self.space = InceptionFeatureSpace(inception_weights, device=device)
         self.reference_source = str(reference)
@@ -433,7 +444,8 @@ class InceptionFrechetMetric:
         return frechet_distance_between(GaussianStatistics.from_features(self.space.features(images)), self.reference)
 
     def anchors(self, resolution: int, num_channels: int, num_samples: int) -> dict[str, tuple[float, int]]:
-        """Noise always; the floor only when the reference is images (they are part of the reference, so it is optimistic)."""
+        """Noise always; the floor only when the reference is images (they are part of the reference, so it is
+        optimistic)."""
         generator = torch.Generator().manual_seed(self.seed)
         noise = torch.randn((num_samples, num_channels, resolution, resolution), generator=generator).clamp(-1, 1)
         result = {"ceiling": (self.score(noise), num_samples)}
@@ -462,7 +474,9 @@ def _load_reference_images(source, image_column: str, max_images: int | None, se
         dataset = load_image_dataset(dataset_name=str(source), image_column=image_column)
     if max_images is not None and max_images < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(max_images))
-    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) for image in tqdm(dataset[image_column], desc="reference")]
+    arrays = [
+        np.asarray(image.convert("RGB"), dtype=np.float32) for image in tqdm(dataset[image_column], desc="reference")
+    ]
     sizes = {array.shape for array in arrays}
     if len(sizes) > 1:
         raise ValueError(f"--fid_reference images must all have one size, found {sorted(sizes)[:4]}; resize them first")
@@ -533,7 +547,15 @@ def build_metric(name: str, **kwargs: Any):
         allowed = {"space", "seed", "progress"}
         return DigitsFrechetMetric(**{k: v for k, v in kwargs.items() if k in allowed})
     if name == "fid":
-        allowed = {"inception_weights", "reference", "reference_column", "max_reference_images", "device", "seed", "cache_dir"}
+        allowed = {
+            "inception_weights",
+            "reference",
+            "reference_column",
+            "max_reference_images",
+            "device",
+            "seed",
+            "cache_dir",
+        }
         return InceptionFrechetMetric(**{k: v for k, v in kwargs.items() if k in allowed})
     raise ValueError(f"metric must be one of {METRICS}, got {name!r}")
 
@@ -658,8 +680,14 @@ def evaluate_runs(
         for resolution, channels in sorted(shapes):
             for anchor, (value, count) in metric.anchors(resolution, channels, num_samples).items():
                 results.anchors.append(
-                    {"metric": metric.name, "resolution": resolution, "channels": channels, "anchor": anchor,
-                     "value": value, "num_samples": count}
+                    {
+                        "metric": metric.name,
+                        "resolution": resolution,
+                        "channels": channels,
+                        "anchor": anchor,
+                        "value": value,
+                        "num_samples": count,
+                    }
                 )
     return results
 
@@ -681,8 +709,20 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 CSV_COLUMNS = (
-    "run", "run_dir", "assignment", "seed", "step", "checkpoint", "weights", "sampler", "num_inference_steps", "nfe",
-    "num_samples", "metric", "value", "train_loss",
+    "run",
+    "run_dir",
+    "assignment",
+    "seed",
+    "step",
+    "checkpoint",
+    "weights",
+    "sampler",
+    "num_inference_steps",
+    "nfe",
+    "num_samples",
+    "metric",
+    "value",
+    "train_loss",
 )
 
 
@@ -720,7 +760,9 @@ def results_markdown(results: EvaluationResults) -> str:
             lines.append("| NFE | " + " | ".join(labels) + " |")
             lines.append("|---:|" + "---:|" * len(labels))
             for nfe in nfes:
-                lines.append(f"| {nfe} | " + " | ".join(_format(dict(final[label]).get(nfe)) for label in labels) + " |")
+                lines.append(
+                    f"| {nfe} | " + " | ".join(_format(dict(final[label]).get(nfe)) for label in labels) + " |"
+                )
             lines.append("")
         lines.append("| step | NFE | " + " | ".join(dict.fromkeys(row["run"] for row in results.rows)) + " |")
         labels = list(dict.fromkeys(row["run"] for row in results.rows))
@@ -786,7 +828,12 @@ def plot_quality_curves(
             for label, points in results.curves(metric, nfe).items():
                 steps, values = zip(*points)
                 axis.plot(
-                    steps, values, marker="o", markersize=3, color=colors[label], linestyle=styles[index % len(styles)],
+                    steps,
+                    values,
+                    marker="o",
+                    markersize=3,
+                    color=colors[label],
+                    linestyle=styles[index % len(styles)],
                     label=label if len(nfes) == 1 else f"{label}, NFE {nfe}",
                 )
         if columns == 2:
@@ -801,7 +848,10 @@ def plot_quality_curves(
         for anchor in (a for a in results.anchors if a["metric"] == metric):
             style = {"floor": ("tab:green", "--"), "ceiling": ("tab:red", ":")}.get(anchor["anchor"], ("gray", "-."))
             axis.axhline(
-                anchor["value"], color=style[0], linestyle=style[1], linewidth=1,
+                anchor["value"],
+                color=style[0],
+                linestyle=style[1],
+                linewidth=1,
                 label=f"{anchor['anchor']} ({anchor['resolution']}px): {anchor['value']:.1f}",
             )
             if columns == 2:
@@ -883,60 +933,99 @@ def add_metrics_to_model_cards(results: EvaluationResults, run_dirs: Sequence[st
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m immiscible_diffusers.evaluate",
-        description="Sample every checkpoint of training runs with a fixed seed and plot sample quality vs training step.",
+        description=(
+            "Sample every checkpoint of training runs with a fixed seed and plot sample quality vs "
+            "training step."
+        ),
     )
     parser.add_argument("run_dirs", nargs="+", help="Training runs' output folders (with checkpoint-<step>/ folders).")
     parser.add_argument("--output_dir", required=True, help="Where quality.csv, quality.md, quality.png go.")
     parser.add_argument("--labels", nargs="+", default=None, help="A name per run for tables and plots.")
     parser.add_argument(
-        "--metrics", nargs="+", choices=METRICS, default=None,
-        help="digits_fd (offline, bundled digits runs only) and/or fid (Inception). Default: digits_fd for digits runs, else fid.",
+        "--metrics",
+        nargs="+",
+        choices=METRICS,
+        default=None,
+        help=(
+            "digits_fd (offline, bundled digits runs only) and/or fid (Inception). Default: digits_fd for "
+            "digits runs, else fid."
+        ),
     )
     parser.add_argument(
-        "--scheduler", choices=sorted(SAMPLERS), default=None,
+        "--scheduler",
+        choices=sorted(SAMPLERS),
+        default=None,
         help="Sampler (default: the one registered for each run's pipeline class: ddim for DDPM runs).",
     )
     parser.add_argument(
-        "--num_inference_steps", type=int, nargs="+", default=[50],
+        "--num_inference_steps",
+        type=int,
+        nargs="+",
+        default=[50],
         help="Denoising steps per sample; several (e.g. 1 2 4 8 50) score every checkpoint at each (the NFE axis).",
     )
     parser.add_argument(
-        "--num_samples", type=int, default=450,
-        help="Images per checkpoint (450 = the digits floor set's size, so the floor is comparable; use >= 10000 for FID).",
+        "--num_samples",
+        type=int,
+        default=450,
+        help=(
+            "Images per checkpoint (450 = the digits floor set's size, so the floor is comparable; use >= "
+            "10000 for FID)."
+        ),
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the starting noise, the same for every checkpoint.")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the starting noise, the same for every checkpoint."
+    )
     parser.add_argument("--batch_size", type=int, default=256, help="Images generated per forward pass.")
     parser.add_argument(
-        "--use_ema", action=argparse.BooleanOptionalAction, default=True,
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="Sample a checkpoint's unet_ema/ when it has one (default), else its unet/.",
     )
     parser.add_argument(
-        "--include_final", action=argparse.BooleanOptionalAction, default=True,
+        "--include_final",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="Also evaluate the final pipeline's unet/ when no checkpoint has its step.",
     )
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="Evaluate only these training steps.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
-        "--num_threads", type=int, default=None,
+        "--num_threads",
+        type=int,
+        default=None,
         help="CPU threads for torch (default: torch's choice; 1 is fastest on a CPU shared with other jobs).",
     )
     parser.add_argument(
-        "--inception_weights", default=None,
-        help="For --metrics fid: path to torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth).",
+        "--inception_weights",
+        default=None,
+        help=(
+            "For --metrics fid: path to torch-fidelity's InceptionV3 weights "
+            "(weights-inception-2015-12-05-6726825d.pth)."
+        ),
     )
     parser.add_argument(
-        "--fid_reference", default=None,
+        "--fid_reference",
+        default=None,
         help="For --metrics fid: an .npz with 'mu' and 'sigma', a folder of images, or a dataset name (e.g. cifar10).",
     )
     parser.add_argument("--fid_reference_column", default="image", help="Image column of the --fid_reference dataset.")
-    parser.add_argument("--max_reference_images", type=int, default=None, help="Use at most this many reference images.")
-    parser.add_argument("--save_samples", action="store_true", help="Save a grid of each checkpoint's first 64 samples.")
     parser.add_argument(
-        "--update_model_cards", action="store_true",
+        "--max_reference_images", type=int, default=None, help="Use at most this many reference images."
+    )
+    parser.add_argument(
+        "--save_samples", action="store_true", help="Save a grid of each checkpoint's first 64 samples."
+    )
+    parser.add_argument(
+        "--update_model_cards",
+        action="store_true",
         help="Write each run's final scores into its model card (immiscible_diffusers: metrics:).",
     )
     args = parser.parse_args(input_args)
-    if any(n < 1 for n in args.num_inference_steps) or len(set(args.num_inference_steps)) != len(args.num_inference_steps):
+    if any(n < 1 for n in args.num_inference_steps) or len(set(args.num_inference_steps)) != len(
+        args.num_inference_steps
+    ):
         parser.error(f"--num_inference_steps must be distinct positive integers, got {args.num_inference_steps}")
     return args
 

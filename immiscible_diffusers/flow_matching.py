@@ -65,7 +65,8 @@ def validate_weighting_options(
     low, high = MODE_SCALE_RANGE
     if not (math.isfinite(mode_scale) and low <= mode_scale <= high):
         raise ValueError(
-            f"mode_scale must lie in [{low}, {high:.4f}] (outside it the 'mode' density leaves [0, 1]), got {mode_scale!r}"
+            f"mode_scale must lie in [{low}, {high:.4f}] (outside it the 'mode' density leaves [0, 1]), got "
+            f"{mode_scale!r}"
         )
 
 
@@ -168,7 +169,8 @@ def flow_matching_scheduler_config(run: RunInfo, model_dir: str | os.PathLike | 
             return dict(FlowMatchEulerDiscreteScheduler.load_config(folder))
     if run.setting("num_train_timesteps") is None or run.setting("flow_shift") is None:
         raise ValueError(
-            f"run {str(run.run_dir)!r} has no scheduler/ folder and no training config to rebuild its flow schedule from"
+            f"run {str(run.run_dir)!r} has no scheduler/ folder and no training config to rebuild its flow "
+            "schedule from"
         )
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=int(run.setting("num_train_timesteps")), shift=float(run.setting("flow_shift"))

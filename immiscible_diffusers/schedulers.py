@@ -194,7 +194,8 @@ class ImmiscibleNoiseScheduler:
         """The samples' fingerprint and the assigned noise for this call (None when ``noise`` already holds it)."""
         if not isinstance(samples, torch.Tensor) or not isinstance(noise, torch.Tensor):
             raise TypeError(
-                f"{method}: samples and noise must be torch.Tensors, got {type(samples).__name__} and {type(noise).__name__}"
+                f"{method}: samples and noise must be torch.Tensors, got {type(samples).__name__} and "
+                f"{type(noise).__name__}"
             )
         if samples.device.type == "meta" or noise.device.type == "meta":
             raise ValueError(f"{method}: meta tensors have no values to assign; use drop_in_assignment_disabled()")

@@ -36,15 +36,27 @@ SOURCES = {
 OUTPUT_DIR = REPO_DIR / "docs" / "results"
 # The fragments this script writes (under OUTPUT_DIR), each included by the README, and the sources each shows.
 FRAGMENT_SOURCES = {"at_a_glance.md": ("speedup",), "main_job_table.md": ("main_job",)}
-METHOD_NAMES = {"none": "vanilla", "linear": "linear", "knn": "KNN", "shuffle": "shuffle", "norm_matched": "norm-matched"}
+METHOD_NAMES = {
+    "none": "vanilla",
+    "linear": "linear",
+    "knn": "KNN",
+    "shuffle": "shuffle",
+    "norm_matched": "norm-matched",
+}
 # Regimes in the order the table shows them: the recipes where the assignment pays off first.
 REGIME_ORDER = ("digits8_flow", "digits8", "digits8_cm", "toy2d_flow", "toy2d")
 # Few-step and many-step sampling: the table's rows per regime (the full sweep is in speedup_summary.md).
 SHOWN_NFES = (2, 4, 20)
 RECIPE_NAMES = {"flow": "flow matching, Euler", "ddpm": "DDPM, DDIM sampling", "consistency": "consistency training"}
 # The assignment benchmark's numbers the docs quote (benchmarks/results/assignment.json#headline).
-ASSIGNMENT_KEYS = ("b1024_d3072_speedup", "b1024_d3072_ms", "b1024_d3072_paper_ms", "b1024_d3072_dtype",
-                   "min_scipy_over_our_solver", "b128_d3072_percent_of_step")
+ASSIGNMENT_KEYS = (
+    "b1024_d3072_speedup",
+    "b1024_d3072_ms",
+    "b1024_d3072_paper_ms",
+    "b1024_d3072_dtype",
+    "min_scipy_over_our_solver",
+    "b128_d3072_percent_of_step",
+)
 
 
 def source_provenance(data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -122,7 +134,9 @@ def regime_headline(regime: dict[str, Any]) -> dict[str, Any]:
             # How much of linear's quality gain a norm-matched control (closer noise, no re-pairing) keeps.
             gain = verdicts["none"]["final_mean"] - verdicts["linear"]["final_mean"]
             kept = verdicts["none"]["final_mean"] - verdicts["norm_matched"]["final_mean"]
-            entry[f"nfe{nfe}"]["norm_matched_share_of_linear_gain_percent"] = round(100 * kept / gain) if gain > 0 else None
+            entry[f"nfe{nfe}"]["norm_matched_share_of_linear_gain_percent"] = (
+                round(100 * kept / gain) if gain > 0 else None
+            )
     return entry
 
 
@@ -131,7 +145,8 @@ def speedup_rows(speedup: dict[str, Any]) -> list[str]:
     regimes = {regime["name"]: regime for regime in speedup["regimes"]}
     methods = list(METHOD_NAMES)
     lines = [
-        "| regime (recipe) | NFE | " + " | ".join(METHOD_NAMES[m] for m in methods)
+        "| regime (recipe) | NFE | "
+        + " | ".join(METHOD_NAMES[m] for m in methods)
         + " | linear vs vanilla: verdict, steps ratio at q(1) | KNN vs vanilla |",
         "|---|---:|" + "---:|" * len(methods) + "---|---|",
     ]
@@ -153,11 +168,12 @@ def speedup_rows(speedup: dict[str, Any]) -> list[str]:
         f"Final quality (digits: Fréchet distance in a digits classifier's features; toys: W2 to held-out points; "
         f"mean ± sd over seeds {seeds}; lower is better) after the regime's full budget "
         f"({budgets}); same batches and "
-        "noise draws in every method; \"–\": control not run in that regime. Verdict: the final seed means "
+        'noise draws in every method; "–": control not run in that regime. Verdict: the final seed means '
         "differ by more than 2 standard errors and 5%. Steps ratio at q(1) = vanilla's training steps to its own "
         "final quality / the method's (above 1: fewer steps); `≥`: the method was already there at the first "
         "checkpoint, so the ratio is a lower bound; `>`/`<`: one curve never got there; n/d: both were there "
-        "at the first checkpoint. NFE 1 and 8 and the ratios at q(0.25), q(0.5): `benchmarks/results/speedup_summary.md`.",
+        "at the first checkpoint. NFE 1 and 8 and the ratios at q(0.25), q(0.5): "
+        "`benchmarks/results/speedup_summary.md`.",
     ]
     return lines
 
@@ -167,7 +183,9 @@ def main_job_rows(main_job: dict[str, Any]) -> list[str]:
     quality = main_job["quality"]
     lines = ["| NFE (Euler steps) | vanilla | immiscible | change |", "|---:|---:|---:|---:|"]
     for nfe, row in sorted(quality["by_nfe"].items(), key=lambda item: int(item[0])):
-        lines.append(f"| {nfe} | {row['vanilla']:.1f} | {row['immiscible']:.1f} | {100 * row['relative_change']:+.0f}% |")
+        lines.append(
+            f"| {nfe} | {row['vanilla']:.1f} | {row['immiscible']:.1f} | {100 * row['relative_change']:+.0f}% |"
+        )
     lines += [
         "",
         f"Digits Fréchet distance (lower is better) of the final checkpoint (step {quality['final_step']:,}, EMA "
@@ -205,8 +223,14 @@ def build(root: Path = REPO_DIR) -> tuple[dict[str, str], dict[str, Any]]:
         "main_job_table.md": "\n".join(main_job_rows(sources["main_job"])),
     }
     headline: dict[str, Any] = {regime["name"]: regime_headline(regime) for regime in speedup["regimes"]}
-    accuracy = next((r["metric_info"].get("classifier_test_accuracy") for r in speedup["regimes"]
-                     if r["metric_info"].get("classifier_test_accuracy") is not None), None)
+    accuracy = next(
+        (
+            r["metric_info"].get("classifier_test_accuracy")
+            for r in speedup["regimes"]
+            if r["metric_info"].get("classifier_test_accuracy") is not None
+        ),
+        None,
+    )
     if accuracy is not None:
         headline["digits_classifier_test_accuracy"] = accuracy
     headline["main_job"] = main_job_headline(sources["main_job"])
@@ -236,15 +260,26 @@ def write(output_dir: Path = OUTPUT_DIR, root: Path = REPO_DIR) -> list[Path]:
         path = output_dir / name
         path.write_text(
             f"{body}\n\nGenerated from committed results:\n\n"
-            + "\n".join([provenance_markdown(record), *_source_lines(
-                [s for s in built["sources"] if s["file"] in {SOURCES[n] for n in FRAGMENT_SOURCES[name]}]
-            )])
+            + "\n".join(
+                [
+                    provenance_markdown(record),
+                    *_source_lines(
+                        [s for s in built["sources"] if s["file"] in {SOURCES[n] for n in FRAGMENT_SOURCES[name]}]
+                    ),
+                ]
+            )
             + "\n"
         )
         paths.append(path)
     data = output_dir / "at_a_glance.json"
-    data.write_text(json.dumps({"provenance": record, "headline": built["headline"], "sources": built["sources"]},
-                               indent=2, ensure_ascii=False) + "\n")
+    data.write_text(
+        json.dumps(
+            {"provenance": record, "headline": built["headline"], "sources": built["sources"]},
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     return [*paths, data]
 
 

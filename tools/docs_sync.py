@@ -49,8 +49,10 @@ MARKER = re.compile(
 OPENING = re.compile(r"<!-- (include|value):[^>]*-->")
 # Fenced code blocks: markers shown there are examples, not regions.
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.MULTILINE | re.DOTALL)
-PROVENANCE_MD = (re.compile(r"^\W*command:", re.IGNORECASE | re.MULTILINE),
-                 re.compile(r"^\W*git commit:", re.IGNORECASE | re.MULTILINE))
+PROVENANCE_MD = (
+    re.compile(r"^\W*command:", re.IGNORECASE | re.MULTILINE),
+    re.compile(r"^\W*git commit:", re.IGNORECASE | re.MULTILINE),
+)
 
 
 class DocsSyncError(Exception):
@@ -87,7 +89,9 @@ def check_provenance(path: Path, root: Path = REPO_DIR) -> None:
     if path.suffix == ".json":
         record = json.loads(path.read_text()).get("provenance")
         if not (isinstance(record, dict) and record.get("command") and record.get("git_commit")):
-            raise DocsSyncError(f"{name} has no provenance: expected a top-level \"provenance\" with command and git_commit")
+            raise DocsSyncError(
+                f'{name} has no provenance: expected a top-level "provenance" with command and git_commit'
+            )
     elif path.suffix == ".md":
         text = path.read_text()
         if not all(pattern.search(text) for pattern in PROVENANCE_MD):

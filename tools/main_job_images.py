@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
     summary_path = args.demo_dir / "summary.json"
     if not summary_path.is_file():
-        print(f"error: demo_dir: {summary_path} does not exist (run training_scripts/demo.py to the end first)",
-              file=sys.stderr)
+        print(
+            f"error: demo_dir: {summary_path} does not exist (run training_scripts/demo.py to the end first)",
+            file=sys.stderr,
+        )
         return 2
     summary = json.loads(summary_path.read_text())
     if not (summary.get("provenance") or {}).get("git_commit"):
@@ -64,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     final_step = (summary.get("quality") or {}).get("final_step")
     if final_step is None:
-        print(f"error: demo_dir: {summary_path} has no quality scores (was it run with --num_eval_samples 0?)",
-              file=sys.stderr)
+        print(
+            f"error: demo_dir: {summary_path} has no quality scores (was it run with --num_eval_samples 0?)",
+            file=sys.stderr,
+        )
         return 2
     missing = [n for n in args.nfes if n not in summary.get("nfes", [])]
     if missing:
@@ -91,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         "provenance": provenance(command_line()),
         "demo": summary["provenance"],
         "images": images,
-        "settings": {key: summary.get(key) for key in ("recipe", "resolution", "max_train_steps", "train_batch_size", "seed")},
+        "settings": {
+            key: summary.get(key) for key in ("recipe", "resolution", "max_train_steps", "train_batch_size", "seed")
+        },
         "same_batches": summary.get("same_batches"),
         "same_noise_and_timesteps": summary.get("same_noise_and_timesteps"),
         "sampling": f"the evaluator's grids of step {final_step}: EMA weights, Euler with uniform sigmas at each NFE, "
-                    f"the same starting noise for both runs; the first {args.num_tiles} samples",
+        f"the same starting noise for both runs; the first {args.num_tiles} samples",
     }
     (args.output_dir / "main_job.json").write_text(json.dumps(record, indent=2) + "\n")
     for path in [*(REPO_DIR / image["file"] for image in images.values()), args.output_dir / "main_job.json"]:

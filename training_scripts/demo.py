@@ -42,10 +42,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-
-import torch  # noqa: E402
 
 from immiscible_diffusers.data import DIGITS_NUM_IMAGES  # noqa: E402
 from immiscible_diffusers.evaluate import add_metrics_to_model_cards, evaluate_runs, write_results  # noqa: E402
@@ -68,16 +67,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument(
-        "--recipe", choices=tuple(RECIPES), default="flow",
-        help="flow: rectified flow matching (the recipe where the benchmark found the clearest difference); ddpm: DDPM.",
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="flow",
+        help=(
+            "flow: rectified flow matching (the recipe where the benchmark found the clearest difference); "
+            "ddpm: DDPM."
+        ),
     )
     parser.add_argument("--max_train_steps", type=int, default=DEFAULT_MAX_TRAIN_STEPS, help="Optimizer steps per run.")
     parser.add_argument("--train_batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=8, help="Image side (the digits are 8x8; larger is upsampled).")
     parser.add_argument(
-        "--nfes", type=int, nargs="+", default=[1, 2, 4, 8, 20],
+        "--resolution", type=int, default=8, help="Image side (the digits are 8x8; larger is upsampled)."
+    )
+    parser.add_argument(
+        "--nfes",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 20],
         help="Sampling steps (model evaluations per sample) every checkpoint is scored at: few-step and many-step.",
     )
     parser.add_argument(
@@ -88,11 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sequential", action="store_true", help="Train one run after the other, not side by side.")
     parser.add_argument("--overwrite", action="store_true", help="Delete earlier demo runs instead of resuming them.")
     parser.add_argument(
-        "--num_eval_samples", type=int, default=450,
+        "--num_eval_samples",
+        type=int,
+        default=450,
         help="Samples per checkpoint for the quality-vs-step curves (digits Frechet distance); 0 skips the evaluation.",
     )
     parser.add_argument(
-        "--results_dir", type=Path, default=None,
+        "--results_dir",
+        type=Path,
+        default=None,
         help="Also write the summary there as main_job.json and main_job.md (e.g. docs/results, the committed copy).",
     )
     args = parser.parse_args(argv)
@@ -262,9 +275,14 @@ def plot_final_samples(grids: dict[str, dict[int, Path]], scores: dict[str, dict
         for axis, nfe in zip(row, nfes):
             axis.imshow(Image.open(grids[name][nfe]), cmap="gray", interpolation="nearest")
             score = scores.get(name, {}).get(nfe)
-            axis.set_title(f"{name}, {nfe} step{'s' if nfe > 1 else ''}" + (f": FD {score:.1f}" if score is not None else ""), fontsize=10)
+            axis.set_title(
+                f"{name}, {nfe} step{'s' if nfe > 1 else ''}" + (f": FD {score:.1f}" if score is not None else ""),
+                fontsize=10,
+            )
             axis.axis("off")
-    figure.suptitle("Final checkpoint (EMA), same starting noise; FD = digits Fréchet distance, lower is better", fontsize=10)
+    figure.suptitle(
+        "Final checkpoint (EMA), same starting noise; FD = digits Fréchet distance, lower is better", fontsize=10
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -285,7 +303,12 @@ def quality_by_nfe(results, run_names: list[str]) -> dict[str, Any]:
         immiscible = scores["immiscible"][nfe]
         change = immiscible / vanilla - 1.0
         word = "about the same" if abs(change) < SAME_WITHIN else ("better" if change < 0 else "worse")
-        comparison[nfe] = {"vanilla": vanilla, "immiscible": immiscible, "relative_change": change, "immiscible_is": word}
+        comparison[nfe] = {
+            "vanilla": vanilla,
+            "immiscible": immiscible,
+            "relative_change": change,
+            "immiscible_is": word,
+        }
     return {"final_step": max(row["step"] for row in results.rows), "scores": scores, "by_nfe": comparison}
 
 
@@ -313,7 +336,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         ]
         for nfe, row in sorted(quality["by_nfe"].items(), key=lambda item: int(item[0])):
             lines.append(
-                f"| {nfe} | {row['vanilla']:.2f} | {row['immiscible']:.2f} | {100 * row['relative_change']:+.1f}% | {row['immiscible_is']} |"
+                f"| {nfe} | {row['vanilla']:.2f} | {row['immiscible']:.2f} | "
+                f"{100 * row['relative_change']:+.1f}% | {row['immiscible_is']} |"
             )
         lines.append("")
     lines.append(f"Wall clock: {summary['wall_seconds'] / 60:.1f} min.")
@@ -355,15 +379,24 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(1)
         samples_dir = args.output_dir / "evaluation" / "samples"
         results = evaluate_runs(
-            list(run_dirs.values()), labels=list(run_dirs), scheduler=sampler, num_inference_steps=args.nfes,
-            num_samples=args.num_eval_samples, save_samples_dir=samples_dir,
+            list(run_dirs.values()),
+            labels=list(run_dirs),
+            scheduler=sampler,
+            num_inference_steps=args.nfes,
+            num_samples=args.num_eval_samples,
+            save_samples_dir=samples_dir,
         )
         evaluation = {name: str(path) for name, path in write_results(results, args.output_dir / "evaluation").items()}
         add_metrics_to_model_cards(results, list(run_dirs.values()))  # both cards: model-index and our metrics
         quality = quality_by_nfe(results, list(run_dirs))
         shown = sorted({args.nfes[0], args.nfes[-1]})
         grids = {
-            name: {n: samples_dir / name / f"step_{quality['final_step']:06d}{'' if len(args.nfes) == 1 else f'_nfe{n}'}.png" for n in shown}
+            name: {
+                n: samples_dir
+                / name
+                / f"step_{quality['final_step']:06d}{'' if len(args.nfes) == 1 else f'_nfe{n}'}.png"
+                for n in shown
+            }
             for name in run_dirs
         }
         samples_plot = plot_final_samples(grids, quality["scores"], args.output_dir / "samples.png")

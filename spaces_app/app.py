@@ -53,8 +53,8 @@ import torch
 from diffusers import (
     CMStochasticIterativeScheduler,
     DDIMScheduler,
-    DiffusionPipeline,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,

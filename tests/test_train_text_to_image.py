@@ -585,7 +585,7 @@ def test_validation_images_are_saved_and_logged(trained):
     output_dir = trained("epsilon")  # two prompts, validated after each epoch (16 images: 2 steps) and at the end
     for step in (2, 3):
         grid = Image.open(output_dir / "samples" / f"step_{step:06d}.png")
-        assert grid.size == (32, 16) and grid.mode == "RGB"
+        assert grid.size == (2 * (48 + 2) + 2, 48 + 2 * 2) and grid.mode == "RGB"
     assert "samples/step_000003.png" in (output_dir / "README.md").read_text()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -164,7 +164,8 @@ def test_run_writes_pipeline_card_logs_and_samples(trained, name):
     assert f"samples/step_{STEPS:06d}.png" in readme
 
     grid = Image.open(output_dir / "samples" / f"step_{STEPS:06d}.png")
-    assert grid.size == (16, 8) and grid.mode == "L"  # two 8x8 grayscale samples side by side
+    # two 8x8 grayscale samples, upscaled to 48 px tiles with 2 px gaps around them
+    assert grid.size == (2 * (48 + 2) + 2, 48 + 2 * 2) and grid.mode == "L"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events,) = (output_dir / "logs").rglob("events.out.tfevents.*")

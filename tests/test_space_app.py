@@ -595,6 +595,11 @@ def test_api_samplers(client, models, pair, sampler, steps):
     assert len(vanilla) == len(immiscible) == 2 and f"{sampler}, {steps} step" in vanilla_time
 
 
+def test_api_loading_flow_models_opens_at_the_few_step_default(client, models):
+    *_, sampler, steps = client.predict(str(models["flow"]), str(models["flow_code"]), "DDIM", api_name="/load_models")
+    assert (sampler["value"], steps["value"]) == space.DEFAULT_SAMPLING["flow"] == ("Flow Euler", 2)
+
+
 def test_api_load_offers_the_samplers_of_the_models(client, models):
     *_, status, sampler, steps = client.predict(
         str(models["cm_a"]), str(models["cm_b"]), "DDIM", api_name="/load_models"

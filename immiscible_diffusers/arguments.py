@@ -62,7 +62,10 @@ def add_assignment_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         help=(
             "How each batch's noise is paired with its images: 'linear' = exact linear assignment minimising the "
             "total image-noise distance (Immiscible Diffusion); 'knn' = per image the nearest of --knn_k noise "
-            "candidates (Improved Immiscible Diffusion); 'none' = vanilla training, bit-for-bit."
+            "candidates (Improved Immiscible Diffusion); 'none' = vanilla training, bit-for-bit. Two controls, "
+            "diagnostics for attributing a result, not for training a model to use: 'shuffle' = a random "
+            "re-pairing (vanilla in distribution); 'norm_matched' = noise moved toward its own image by as much "
+            "as 'linear' closes the distance, without re-pairing."
         ),
     )
     group.add_argument(

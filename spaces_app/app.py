@@ -26,12 +26,16 @@ clean image like DDPM and DDIM do), ``ConsistencyModelPipeline`` (one-step and f
 ``FlowMatchingPipeline`` (Euler), saved either the stock way or with its code beside it
 (``"_class_name": ["pipeline", "FlowMatchingPipeline"]``, loaded with ``trust_remote_code``). The app needs only
 stock diffusers, torch, gradio and huggingface_hub: it runs each sampling loop itself, so both models can start
-from one noise tensor, and it never imports the immiscible-diffusers package.
+from one noise tensor, and it never imports the immiscible-diffusers package. Flow models are sampled with the
+package's uniform sigma spacing (every Euler step covers 1/n of the path), read from
+``pipeline_flow_matching.py`` beside this file: a link to the package's standalone module (torch and diffusers
+only), the same file every saved flow pipeline carries as ``pipeline.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import logging
@@ -68,6 +72,19 @@ from PIL import Image
 logger = logging.getLogger("immiscible_space")
 
 APP_DIR = Path(__file__).resolve().parent
+
+
+def _load_flow_spacing() -> Callable[[Any, int], dict]:
+    """``uniform_sigma_schedule`` from the package's standalone ``pipeline_flow_matching.py`` (linked beside this
+    file, so the Space folder works without the package): one definition of the flow spacing for the package's
+    pipeline, its evaluator and this app."""
+    spec = importlib.util.spec_from_file_location("space_pipeline_flow_matching", APP_DIR / "pipeline_flow_matching.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.uniform_sigma_schedule
+
+
+uniform_sigma_schedule = _load_flow_spacing()
 # The checkout this app sits in (spaces_app/..): relative local paths are also looked up there.
 REPO_ROOT = APP_DIR.parent
 DEMO_DIR = Path("outputs") / "demo"
@@ -103,9 +120,14 @@ SAMPLERS = {
     "Consistency few-step": Sampler("consistency", CMStochasticIterativeScheduler, default_steps=2, min_steps=2),
     "Flow Euler": Sampler("flow", FlowMatchEulerDiscreteScheduler, default_steps=50),
 }
-# What a visitor sees first, per pipeline kind: (sampler, steps). The one place to change it, e.g. to a few-step
-# setting if the few-step measurements (issue 13) show the assignment's gain best there.
-DEFAULT_SAMPLING = {"diffusion": ("DDIM", 50), "consistency": ("Consistency one-step", 1), "flow": ("Flow Euler", 50)}
+# What a visitor sees first, per pipeline kind: (sampler, steps). Flow models (what `make demo` trains) open at
+# 2 Euler steps: few-step flow sampling is where the assignment's gain is largest and plain to see. At 2 steps
+# the main job's immiscible model scores digits FD 37.6 against vanilla's 134 (docs/results/main_job.md), and
+# the 3-seed benchmark 47 against 128 on 8x8 digits (benchmarks/results/speedup_summary.md, digits8_flow);
+# at 1 step both models are far from digits (FD 183 vs 740), at 20 steps the gap shrinks to 7.2 vs 8.9.
+# DDPM-family models keep DDIM at 50 steps: in the same file (digits8) DDPM's gain is at 2-4 DDIM steps, where
+# both models are still far from digits (FD 75 vs 120 at 4), and at 20 steps the assignment hurts (54 vs 38).
+DEFAULT_SAMPLING = {"diffusion": ("DDIM", 50), "consistency": ("Consistency one-step", 1), "flow": ("Flow Euler", 2)}
 
 SAMPLER_HINT = (
     "DDPM/DDIM pipelines: DDIM, DPM-Solver, Euler, DDPM; consistency models: one-step, few-step; "
@@ -550,7 +572,10 @@ def sample_model(
     sampled with the same seed also get the same per-step noise.
     """
     scheduler = make_scheduler(model, sampler_name)
-    scheduler.set_timesteps(num_steps)
+    if model.kind == "flow":  # the stock spacing ends at sigma 1/N_train: its last of n steps does almost nothing
+        scheduler.set_timesteps(**uniform_sigma_schedule(scheduler, num_steps))
+    else:
+        scheduler.set_timesteps(num_steps)
     device, dtype = model.unet.device, model.unet.dtype
     generator = torch.Generator("cpu").manual_seed(seed)
     # Schedulers that work in sigma space (Euler, consistency models) start from noise scaled to sigma_max.

@@ -359,6 +359,20 @@ def test_default_sampling_is_one_constant():
     for kind, (sampler, steps) in space.DEFAULT_SAMPLING.items():
         assert space.SAMPLERS[sampler].kind == kind and space.SAMPLERS[sampler].min_steps <= steps
     assert space.DEFAULT_SAMPLING["diffusion"] == ("DDIM", 50)
+    # Few-step flow sampling, where the main job's models differ most (docs/results/main_job.md).
+    assert space.DEFAULT_SAMPLING["flow"] == ("Flow Euler", 2)
+
+
+def test_flow_sampling_spends_every_step(models):
+    """The app uses the package's uniform sigmas: each of n Euler steps covers 1/n of the path, so n-step images
+    differ from (n-1)-step ones. diffusers' stock spacing ends at sigma 1/1000, so its 2-step images are the 1-step
+    ones moved by a thousandth of a velocity (a default of 2 steps would show 1-step images)."""
+    flow = space.load_model(str(models["flow"]))  # untrained tiny UNet: only the spacing matters here
+    noise = space.initial_noise(0, 2, flow.image_shape)
+    images = {n: space.sample_model(flow, "Flow Euler", n, noise, 0) for n in (1, 2, 3)}
+    # Uniform spacing: ~0.04-0.1 here (the untrained UNet's velocity barely depends on sigma); stock: < 0.002.
+    assert (images[2] - images[1]).abs().max() > 0.01
+    assert (images[3] - images[2]).abs().max() > 0.01
 
 
 def test_space_mode_refuses_local_paths_without_looking(models, monkeypatch, tmp_path):
@@ -515,8 +529,12 @@ def test_space_folder_is_pushable_as_is():
         "huggingface_hub",
         "pillow",
     }
+    # The flow spacing's module is a link to the package's standalone file (one definition), which needs only
+    # torch and diffusers.
+    linked = SPACE_DIR / "pipeline_flow_matching.py"
+    assert linked.resolve() == (REPO / "immiscible_diffusers" / "pipeline_flow_matching.py").resolve()
     imported = set()
-    for node in ast.walk(ast.parse(APP_FILE.read_text())):
+    for node in ast.walk(ast.parse(APP_FILE.read_text() + "\n" + linked.read_text())):
         if isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -575,6 +593,11 @@ def test_api_same_seed_same_noise(client, models):
 def test_api_samplers(client, models, pair, sampler, steps):
     vanilla, vanilla_time, immiscible, _, _ = generate(client, models[pair[0]], models[pair[1]], sampler, steps, 1, 2)
     assert len(vanilla) == len(immiscible) == 2 and f"{sampler}, {steps} step" in vanilla_time
+
+
+def test_api_loading_flow_models_opens_at_the_few_step_default(client, models):
+    *_, sampler, steps = client.predict(str(models["flow"]), str(models["flow_code"]), "DDIM", api_name="/load_models")
+    assert (sampler["value"], steps["value"]) == space.DEFAULT_SAMPLING["flow"] == ("Flow Euler", 2)
 
 
 def test_api_load_offers_the_samplers_of_the_models(client, models):

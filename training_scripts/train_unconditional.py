@@ -198,7 +198,10 @@ def main(args: argparse.Namespace) -> None:
         run.track_ema(ema_of(model, args))
 
     # The stock scheduler: the assignment happens explicitly in `compute_loss`, and the saved pipeline
-    # loads with plain diffusers.
+    # loads with plain diffusers. Its timestep_spacing stays diffusers' default ("leading"): spacing only
+    # affects sampling, and benchmarks/results/speedup_samplers.md finds it mixed on digits8 DDIM ("trailing"
+    # wins at 2 steps, "leading" is slightly better at 8-20), so the saved default is not changed; the
+    # evaluator and the Space pick "trailing" for themselves, for few steps.
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.ddpm_num_steps,
         beta_schedule=args.ddpm_beta_schedule,

@@ -1,0 +1,1 @@
+../immiscible_diffusers/pipeline_flow_matching.py

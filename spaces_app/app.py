@@ -26,16 +26,13 @@ clean image like DDPM and DDIM do), ``ConsistencyModelPipeline`` (one-step and f
 ``FlowMatchingPipeline`` (Euler), saved either the stock way or with its code beside it
 (``"_class_name": ["pipeline", "FlowMatchingPipeline"]``, loaded with ``trust_remote_code``). The app needs only
 stock diffusers, torch, gradio and huggingface_hub: it runs each sampling loop itself, so both models can start
-from one noise tensor, and it never imports the immiscible-diffusers package. Flow models are sampled with the
-package's uniform sigma spacing (every Euler step covers 1/n of the path), read from
-``pipeline_flow_matching.py`` beside this file: a link to the package's standalone module (torch and diffusers
-only), the same file every saved flow pipeline carries as ``pipeline.py``.
+from one noise tensor, and it never imports the immiscible-diffusers package. Flow models are sampled with
+uniform sigmas (every Euler step covers 1/n of the path), the spacing of the package's ``uniform_sigma_schedule``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import logging
@@ -73,18 +70,6 @@ logger = logging.getLogger("immiscible_space")
 
 APP_DIR = Path(__file__).resolve().parent
 
-
-def _load_flow_spacing() -> Callable[[Any, int], dict]:
-    """``uniform_sigma_schedule`` from the package's standalone ``pipeline_flow_matching.py`` (linked beside this
-    file, so the Space folder works without the package): one definition of the flow spacing for the package's
-    pipeline, its evaluator and this app."""
-    spec = importlib.util.spec_from_file_location("space_pipeline_flow_matching", APP_DIR / "pipeline_flow_matching.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.uniform_sigma_schedule
-
-
-uniform_sigma_schedule = _load_flow_spacing()
 # The checkout this app sits in (spaces_app/..): relative local paths are also looked up there.
 REPO_ROOT = APP_DIR.parent
 DEMO_DIR = Path("outputs") / "demo"
@@ -573,7 +558,8 @@ def sample_model(
     """
     scheduler = make_scheduler(model, sampler_name)
     if model.kind == "flow":  # the stock spacing ends at sigma 1/N_train: its last of n steps does almost nothing
-        scheduler.set_timesteps(**uniform_sigma_schedule(scheduler, num_steps))
+        # Uniform sigmas 1, (n-1)/n, ..., 1/n (then 0), as immiscible_diffusers' uniform_sigma_schedule.
+        scheduler.set_timesteps(sigmas=[1.0 - i / num_steps for i in range(num_steps)])
     else:
         scheduler.set_timesteps(num_steps)
     device, dtype = model.unet.device, model.unet.dtype

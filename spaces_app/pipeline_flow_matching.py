@@ -1,1 +1,0 @@
-../immiscible_diffusers/pipeline_flow_matching.py

@@ -129,6 +129,8 @@ class TrainingRun:
         prediction_type: str | None,
     ) -> None:
         self.args = args
+        # Columns of the saved sample grids (None: near-square); a recipe whose grid has a meaning per row sets it.
+        self.grid_columns: int | None = None
         self.output_dir = Path(args.output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ValueError(f"--output_dir {args.output_dir!r} is a file, not a folder")
@@ -396,7 +398,7 @@ class TrainingRun:
         with self.model_for_inference() as model:
             images = generate(model)
         self.log_images(images, self.global_step)
-        return save_sample_grid(images, self.output_dir, self.global_step)
+        return save_sample_grid(images, self.output_dir, self.global_step, columns=self.grid_columns)
 
     def save_pipeline(self, save: Callable[[torch.nn.Module, Path | None], None], grid: Path | None = None) -> None:
         """Call ``save(model, grid)`` with the model holding the EMA weights (if any)."""

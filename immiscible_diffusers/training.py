@@ -125,11 +125,13 @@ def image_grid(
     return grid
 
 
-def save_sample_grid(images: Sequence[Image.Image], output_dir: str | os.PathLike, step: int) -> Path:
-    """Save ``samples/step_<step:06d>.png`` under ``output_dir``; return its path."""
+def save_sample_grid(
+    images: Sequence[Image.Image], output_dir: str | os.PathLike, step: int, columns: int | None = None
+) -> Path:
+    """Save the grid of ``images`` as ``samples/step_<step:06d>.png`` under ``output_dir``; return its path."""
     path = Path(output_dir) / "samples" / f"step_{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images).save(path)
+    image_grid(images, columns).save(path)
     return path
 
 

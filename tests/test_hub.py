@@ -503,7 +503,7 @@ def test_card_command_adds_the_evaluators_plot_and_table(run_copy, tmp_path, cap
 
     rows = [
         {"run": "tiny", "run_dir": str(run_copy), "assignment": "linear", "seed": 0, "step": step,
-         "checkpoint": f"checkpoint-{step}", "weights": "raw", "sampler": "ddim", "num_inference_steps": 2,
+         "checkpoint": f"checkpoint-{step}", "weights": "raw", "sampler": "ddim", "num_inference_steps": 2, "nfe": 2,
          "num_samples": 4, "metric": "digits_fd", "value": value, "train_loss": None}
         for step, value in ((5, 40.0), (10, 25.5))
     ]
@@ -518,7 +518,7 @@ def test_card_command_adds_the_evaluators_plot_and_table(run_copy, tmp_path, cap
     text = (run_copy / "README.md").read_text()
     assert text.count(EVALUATION_START) == 1
     assert "![sample quality vs training steps](evaluation/quality.png)" in text
-    assert "| step | tiny |" in text and "| 10 | 25.50 |" in text
+    assert "| step | NFE | tiny |" in text and "| 10 | 2 | 25.50 |" in text
     assert "`digits_fd`: **25.5** at step 10 (ddim, 2 steps, 4 samples)" in text
     assert text.index(EVALUATION_START) < text.index("## Training configuration")
     plan = plan_push(run_copy)

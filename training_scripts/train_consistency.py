@@ -81,7 +81,6 @@ from immiscible_diffusers.optimizers import build_optimizer
 from immiscible_diffusers.processes import check_batch_size
 from immiscible_diffusers.randomness import rng_preserved
 from immiscible_diffusers.run import TrainingRun, load_dataset_from_args, training_dataloader
-from immiscible_diffusers.training import image_grid
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -399,10 +398,10 @@ def stock_scheduler(num_sigmas: int, args: argparse.Namespace) -> CMStochasticIt
     )
 
 
-def generate_sample_grid(
+def generate_sample_rows(
     unet: UNet2DModel, scheduler: CMStochasticIterativeScheduler, args: argparse.Namespace, device
-) -> Image.Image:
-    """One row per entry of --eval_num_inference_steps, each from the same starting noise (seed 0)."""
+) -> list[Image.Image]:
+    """Samples for one grid row per entry of --eval_num_inference_steps, each from the same noise (seed 0)."""
     pipeline = ConsistencyModelPipeline(unet=unet, scheduler=copy.deepcopy(scheduler))
     pipeline.set_progress_bar_config(disable=True)
     num_classes = unet.config.num_class_embeds
@@ -414,7 +413,7 @@ def generate_sample_grid(
         images += pipeline(
             batch_size=args.eval_batch_size, class_labels=labels, num_inference_steps=steps, generator=generator
         ).images
-    return image_grid(images, columns=args.eval_batch_size)
+    return images
 
 
 def save_pipeline_with_card(
@@ -471,6 +470,7 @@ def main(args: argparse.Namespace) -> None:
         args, script=SCRIPT_NAME, report_to=args.logger, tracker_project=args.tracker_project_name,
         prediction_type=args.prediction_type,
     )  # fmt: skip
+    run.grid_columns = args.eval_batch_size  # one row per entry of --eval_num_inference_steps
 
     # Get the dataset first: a class-conditional UNet needs the number of classes.
     dataset = load_dataset_from_args(args)
@@ -534,9 +534,9 @@ def main(args: argparse.Namespace) -> None:
 
     def generate(unet: UNet2DModel) -> list:
         was_training = unet.training
-        grid = generate_sample_grid(unet.eval(), scheduler(), args, run.device)
+        images = generate_sample_rows(unet.eval(), scheduler(), args, run.device)
         unet.train(was_training)
-        return [grid]
+        return images
 
     def save(unet: UNet2DModel, grid: Path | None) -> None:
         save_pipeline_with_card(run, unet, scheduler(), grid, huber_c)

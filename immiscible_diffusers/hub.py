@@ -28,9 +28,9 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+from .checkpoints import CHECKPOINT_PREFIX, PARTIAL_CHECKPOINT_PREFIX, TRAINING_CONFIG_NAME
 from .model_card import check_model_card
 from .model_index import code_module, pipeline_class_name
-from .training import CHECKPOINT_PREFIX, PARTIAL_CHECKPOINT_PREFIX, TRAINING_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -51,8 +51,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .arguments import add_debug_arg
 from .consistency import sample_consistency
 from .data import DIGITS_DATASET_NAME, load_image_dataset
+from .errors import run_entry_point
 from .flow_matching import sample_flow_matching
 from .metrics import (
     DigitsFeatureSpace,
@@ -73,6 +75,7 @@ from .runs import (
     load_unet,
     read_run,
     register_sampler,
+    resolve_device,
     resolve_sampler,
     run_image_pipeline,
 )
@@ -469,7 +472,7 @@ def evaluate_runs(
         raise ValueError("run_dirs must name at least one run folder")
     if labels is not None and len(labels) != len(run_dirs):
         raise ValueError(f"labels must have one entry per run ({len(run_dirs)}), got {len(labels)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     runs = [read_run(path, labels[i] if labels else None) for i, path in enumerate(run_dirs)]
     if len({run.label for run in runs}) != len(runs):
         raise ValueError(f"run labels must be unique, got {[run.label for run in runs]} (pass labels=...)")
@@ -837,6 +840,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         help="Also evaluate the final pipeline's unet/ when no checkpoint has its step.",
     )
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="Evaluate only these training steps.")
+    add_debug_arg(parser)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
         "--num_threads",
@@ -879,6 +883,9 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(input_args: Sequence[str] | None = None) -> EvaluationResults:
     args = parse_args(input_args)
+    # Checked before sampling (minutes), so that a mistyped folder fails at once with the files intact.
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ValueError(f"--output_dir {args.output_dir!r} is a file, not a folder")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     results = evaluate_runs(
@@ -910,4 +917,4 @@ def main(input_args: Sequence[str] | None = None) -> EvaluationResults:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -137,6 +137,20 @@ def resolve_sampler(run: RunInfo, name: str | None) -> Sampler:
     return sampler
 
 
+def resolve_device(device: str | None) -> str:
+    """``device``, checked to be usable here (``None``: cuda when available, else cpu); ``ValueError`` if not."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        # Allocating an empty tensor is what fails on a build or machine without that device (a CPU-only
+        # torch raises AssertionError for cuda), so check it once here rather than deep in a sampler.
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"--device {device!r} is not usable here ({reason}); use cpu or an available device") from None
+    return device
+
+
 def load_unet(model_dir: str | os.PathLike, device: str) -> UNet2DModel:
     """The saved ``UNet2DModel`` in ``model_dir``, on ``device``, in eval mode."""
     return UNet2DModel.from_pretrained(model_dir).to(device).eval()

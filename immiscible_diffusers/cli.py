@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .arguments import add_debug_arg
+from .errors import EXIT_USER_ERROR, USER_ERRORS, debug_requested
 from .hub import (
     DEFAULT_COMMIT_MESSAGE,
     LORA_WEIGHTS_NAME,
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="immiscible-diffusers",
         description="Publish immiscible-diffusers training runs to the Hugging Face Hub.",
     )
+    add_debug_arg(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{push,card,stock-scheduler}")
 
     push = commands.add_parser(
@@ -173,12 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "card":
             return _card(args)
         return _stock_scheduler(args)
-    except ValueError as error:
-        print(f"immiscible-diffusers {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except HubPushError as error:
         print(f"immiscible-diffusers {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except USER_ERRORS as error:  # as every entry point does (immiscible_diffusers.errors)
+        if args.debug or debug_requested():
+            raise
+        message = " ".join((str(error) or type(error).__name__).split())
+        print(f"immiscible-diffusers {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ falls without its samples getting better.
 
 How a run is sampled depends on what it is: ``SAMPLERS`` maps a sampler name to a function, and each
 sampler lists the saved pipeline classes (``model_index.json``'s ``_class_name``) it can sample.
-``DEFAULT_SAMPLERS`` picks one per pipeline class. Add a sampler with ``register_sampler``.
+``DEFAULT_SAMPLERS`` picks one per pipeline class. Add a sampler with ``register_sampler``. These live in
+``immiscible_diffusers.runs`` (shared with the recipe modules' samplers) and are importable from here too.
 """
 
 from __future__ import annotations

@@ -33,10 +33,10 @@ from immiscible_diffusers.evaluate import (
     DigitsFrechetMetric,
     SamplingOptions,
     _ddpm_family_scheduler_config,
-    _load_unet,
-    _run_image_pipeline,
     find_checkpoints,
+    load_unet,
     read_run,
+    run_image_pipeline,
 )
 from immiscible_diffusers.flow_matching import flow_matching_scheduler_config
 from immiscible_diffusers.pipeline_flow_matching import FlowMatchingPipeline
@@ -50,14 +50,14 @@ def sample_with_spacing(run, model_dir: Path, spacing: str, options: SamplingOpt
     if run.pipeline_class in ("DDPMPipeline", "DDIMPipeline"):
         config = {k: v for k, v in _ddpm_family_scheduler_config(run).items() if k != "_use_default_values"}
         scheduler = DDIMScheduler.from_config(config, timestep_spacing=spacing)
-        return _run_image_pipeline(DDIMPipeline(unet=_load_unet(model_dir, options.device), scheduler=scheduler), options, eta=0.0)
+        return run_image_pipeline(DDIMPipeline(unet=load_unet(model_dir, options.device), scheduler=scheduler), options, eta=0.0)
     if run.pipeline_class == "FlowMatchingPipeline":
         config = flow_matching_scheduler_config(run, model_dir)
-        pipeline = FlowMatchingPipeline(unet=_load_unet(model_dir, options.device), scheduler=FlowMatchEulerDiscreteScheduler.from_config(config))
+        pipeline = FlowMatchingPipeline(unet=load_unet(model_dir, options.device), scheduler=FlowMatchEulerDiscreteScheduler.from_config(config))
         if spacing == "uniform":
-            return _run_image_pipeline(pipeline, options)
+            return run_image_pipeline(pipeline, options)
         stock = np.linspace(1.0, 1.0 / config["num_train_timesteps"], options.num_inference_steps).tolist()
-        return _run_image_pipeline(pipeline, options, sigmas=stock)
+        return run_image_pipeline(pipeline, options, sigmas=stock)
     return SAMPLERS["consistency"].sample(run, model_dir, options)
 
 

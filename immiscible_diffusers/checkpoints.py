@@ -23,6 +23,7 @@ from .randomness import rng_preserved
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_CONFIG_NAME = "training_config.json"
 # A checkpoint is written under this prefix and renamed to `checkpoint-<step>` once complete. The name
 # does not start with "checkpoint-", so nothing that globs for checkpoints ever sees a partial one.
 PARTIAL_CHECKPOINT_PREFIX = ".tmp-checkpoint-"

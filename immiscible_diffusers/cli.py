@@ -15,6 +15,20 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .arguments import add_debug_arg
+from .errors import EXIT_USER_ERROR, USER_ERRORS, debug_requested
+from .hub import (
+    DEFAULT_COMMIT_MESSAGE,
+    LORA_WEIGHTS_NAME,
+    HubPushError,
+    check_repo_id,
+    convert_to_stock_scheduler,
+    plan_push,
+    push_output_dir,
+    resolve_token,
+)
+from .model_card import add_evaluation_to_card, check_model_card
+
 PUSH_DESCRIPTION = """\
 Publish a training run's output folder (the pipeline saved with stock diffusers classes, its model card
 README.md, samples/, training_config.json, train_log.csv) to a model repository on the Hugging Face Hub,
@@ -31,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="immiscible-diffusers",
         description="Publish immiscible-diffusers training runs to the Hugging Face Hub.",
     )
+    add_debug_arg(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{push,card,stock-scheduler}")
 
     push = commands.add_parser(
@@ -99,16 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _push(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .hub import (
-        DEFAULT_COMMIT_MESSAGE,
-        LORA_WEIGHTS_NAME,
-        check_repo_id,
-        plan_push,
-        push_output_dir,
-        resolve_token,
-    )
-    from .model_card import add_evaluation_to_card
-
     if args.repo_id is None and not args.dry_run:
         parser.error("the following arguments are required: --repo-id")
     if args.repo_id is not None:
@@ -149,8 +154,6 @@ def _push(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from .model_card import add_evaluation_to_card, check_model_card
-
     path = add_evaluation_to_card(args.output_dir, args.evaluation_dir)
     check_model_card(path)
     print(f"Added the evaluation from {args.evaluation_dir} to {path} (files in {path.parent / 'evaluation'}/)")
@@ -158,8 +161,6 @@ def _card(args: argparse.Namespace) -> int:
 
 
 def _stock_scheduler(args: argparse.Namespace) -> int:
-    from .hub import convert_to_stock_scheduler
-
     name = convert_to_stock_scheduler(args.output_dir)
     print(f"{args.output_dir}: the scheduler is now diffusers' {name}")
     return 0
@@ -169,20 +170,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return the exit status (errors go to stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .hub import HubPushError
-
     try:
         if args.command == "push":
             return _push(args, parser)
         if args.command == "card":
             return _card(args)
         return _stock_scheduler(args)
-    except ValueError as error:
-        print(f"immiscible-diffusers {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except HubPushError as error:
         print(f"immiscible-diffusers {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except USER_ERRORS as error:  # as every entry point does (immiscible_diffusers.errors)
+        if args.debug or debug_requested():
+            raise
+        message = " ".join((str(error) or type(error).__name__).split())
+        print(f"immiscible-diffusers {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

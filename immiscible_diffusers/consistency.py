@@ -22,17 +22,15 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
 
 # The flag types once lived here; they are re-exported for code that imports them from this module.
 from .arguments import positive_float, unit_interval_float  # noqa: F401
-
-if TYPE_CHECKING:  # the evaluator imports this module; only type hints need its classes
-    from .evaluate import RunInfo, SamplingOptions
+from .runs import RunInfo, SamplingOptions, load_unet
 
 SIGMA_DATA = 0.5  # the data standard deviation the stock scheduler assumes (images in [-1, 1])
 HUBER_C_PER_SQRT_DIM = 0.00054  # iCT: c = 0.00054 sqrt(d)
@@ -323,8 +321,6 @@ def with_image_and_label_transform(dataset, image_column: str, label_column: str
 
 def consistency_scheduler_config(run: RunInfo) -> dict[str, Any]:
     """The run's saved ``scheduler/`` config, or one rebuilt from its training settings when none is saved yet."""
-    from diffusers import CMStochasticIterativeScheduler
-
     if (run.run_dir / "scheduler" / "scheduler_config.json").is_file():
         return dict(CMStochasticIterativeScheduler.load_config(run.run_dir / "scheduler"))
     needed = ("sigma_min", "sigma_max", "rho", "discretization_s_1")
@@ -349,15 +345,13 @@ def sample_consistency(run: RunInfo, model_dir: str | os.PathLike, options: Samp
     generator seeded with ``options.seed``; a class-conditional model gets the balanced labels
     ``0, 1, ..., num_classes - 1, 0, 1, ...``. Returns ``(N, C, H, W)`` float32 in ``[-1, 1]`` on the CPU.
     """
-    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
-
     scheduler = CMStochasticIterativeScheduler.from_config(consistency_scheduler_config(run))
     if options.num_inference_steps > scheduler.config.num_train_timesteps:
         raise ValueError(
             f"num_inference_steps must be at most the run's {scheduler.config.num_train_timesteps} noise levels, "
             f"got {options.num_inference_steps} (consistency models sample in 1 or a few steps)"
         )
-    unet = UNet2DModel.from_pretrained(Path(model_dir)).to(options.device).eval()
+    unet = load_unet(model_dir, options.device)
     pipeline = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     num_classes = unet.config.num_class_embeds

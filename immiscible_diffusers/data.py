@@ -14,9 +14,11 @@ import logging
 import os
 from collections.abc import Callable
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +34,6 @@ def load_digits_dataset():
 
     The 17 gray levels (0-16) are spread over 0-255; the data ships with scikit-learn, so nothing is downloaded.
     """
-    import datasets
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     return datasets.Dataset.from_dict(
@@ -62,8 +61,6 @@ def load_image_dataset(
     Raises ``ValueError`` for a ``train_data_dir`` that is not a directory, a missing ``image_column``,
     or a ``max_train_samples`` below 1.
     """
-    import datasets
-
     if dataset_name is not None and train_data_dir is not None:
         raise ValueError("give either --dataset_name or --train_data_dir, not both")
     if max_train_samples is not None and max_train_samples < 1:
@@ -92,8 +89,6 @@ def drop_unreadable_images(dataset, image_column: str = "image"):
     Every image is decoded once, up front, so that a corrupt file in an image folder is found before training
     starts rather than crashing it later (with no checkpoint). Raises ``ValueError`` when none is readable.
     """
-    import datasets
-
     if image_column not in dataset.column_names:
         return dataset  # load_image_dataset reports the missing column
     raw = dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]

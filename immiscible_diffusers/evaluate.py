@@ -29,7 +29,8 @@ falls without its samples getting better.
 
 How a run is sampled depends on what it is: ``SAMPLERS`` maps a sampler name to a function, and each
 sampler lists the saved pipeline classes (``model_index.json``'s ``_class_name``) it can sample.
-``DEFAULT_SAMPLERS`` picks one per pipeline class. Add a sampler with ``register_sampler``.
+``DEFAULT_SAMPLERS`` picks one per pipeline class. Add a sampler with ``register_sampler``. These live in
+``immiscible_diffusers.runs`` (shared with the recipe modules' samplers) and are importable from here too.
 """
 
 from __future__ import annotations
@@ -39,16 +40,23 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+from matplotlib.figure import Figure
+from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import DIGITS_DATASET_NAME
+from .arguments import add_debug_arg
+from .consistency import sample_consistency
+from .data import DIGITS_DATASET_NAME, load_image_dataset
+from .errors import run_entry_point
+from .flow_matching import sample_flow_matching
 from .metrics import (
     DigitsFeatureSpace,
     GaussianStatistics,
@@ -56,8 +64,23 @@ from .metrics import (
     frechet_distance_between,
     real_digits,
 )
-from .model_index import pipeline_class_name, read_model_index
-from .training import TRAIN_LOG_NAME, TRAINING_CONFIG_NAME, list_checkpoints, read_train_log
+from .model_card import record_scores_in_card
+from .runs import (
+    DEFAULT_SAMPLERS,  # noqa: F401 - re-exported: the evaluator's public names, where users import them
+    SAMPLERS,
+    SCRIPT_PIPELINES,  # noqa: F401
+    RunInfo,
+    SampleFunction,  # noqa: F401
+    Sampler,
+    SamplingOptions,
+    load_unet,
+    read_run,
+    register_sampler,
+    resolve_device,
+    resolve_sampler,
+    run_image_pipeline,
+)
+from .training import TRAIN_LOG_NAME, image_grid, list_checkpoints, read_train_log
 
 RESULTS_CSV = "quality.csv"
 RESULTS_MARKDOWN = "quality.md"
@@ -68,12 +91,6 @@ METRIC_LABELS = {
     "digits_fd": "Fréchet distance (digits classifier features)",
     "fid": "FID (Inception features)",
 }
-# Which saved pipeline each training script writes, for folders without model_index.json yet.
-SCRIPT_PIPELINES = {
-    "train_unconditional.py": "DDPMPipeline",
-    "train_consistency.py": "ConsistencyModelPipeline",
-    "train_flow_matching.py": "FlowMatchingPipeline",
-}
 # The training loss shown beside the metric is the mean over this many steps before the checkpoint.
 LOSS_WINDOW = 50
 
@@ -81,56 +98,6 @@ LOSS_WINDOW = 50
 # --------------------------------------------------------------------------------------------------
 # Runs and checkpoints
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunInfo:
-    """What the evaluator knows about one training run's output folder."""
-
-    run_dir: Path
-    label: str
-    pipeline_class: str | None
-    training_config: dict[str, Any]
-    card_metadata: dict[str, Any]
-
-    def setting(self, key: str, default: Any = None) -> Any:
-        """A training setting, from ``training_config.json``, else the model card's ``immiscible_diffusers`` dict."""
-        if key in self.training_config:
-            return self.training_config[key]
-        return self.card_metadata.get(key, default)
-
-    @property
-    def dataset(self) -> str | None:
-        return self.setting("dataset")
-
-    @property
-    def assignment(self) -> str | None:
-        return self.setting("assignment")
-
-    @property
-    def seed(self) -> int | None:
-        return self.setting("seed")
-
-
-def read_run(run_dir: str | os.PathLike, label: str | None = None) -> RunInfo:
-    """Read a run folder's ``training_config.json``, model card metadata and ``model_index.json`` (all optional)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"run folder {str(run_dir)!r} does not exist")
-    config_path = run_dir / TRAINING_CONFIG_NAME
-    training_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    card_metadata: dict[str, Any] = {}
-    if (run_dir / "README.md").is_file():
-        from .model_card import CARD_METADATA_KEY, read_card_metadata
-
-        card_metadata = dict(read_card_metadata(run_dir).get(CARD_METADATA_KEY) or {})
-    pipeline_class = None
-    if (run_dir / "model_index.json").is_file():
-        pipeline_class = pipeline_class_name(read_model_index(run_dir))
-    else:
-        script = training_config.get("script") or card_metadata.get("script")
-        pipeline_class = SCRIPT_PIPELINES.get(script)
-    return RunInfo(run_dir, label or run_dir.name, pipeline_class, training_config, card_metadata)
 
 
 @dataclass(frozen=True)
@@ -168,74 +135,8 @@ def find_checkpoints(run: RunInfo, use_ema: bool = True, include_final: bool = T
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How to sample: ``num_images`` in batches of ``batch_size`` from a CPU generator seeded with ``seed``."""
-
-    num_images: int
-    num_inference_steps: int
-    seed: int = 0
-    batch_size: int = 256
-    device: str = "cpu"
-    progress: bool = True
-
-
-# A sampler: (run, model folder, options) -> images (N, C, H, W) float32 in [-1, 1] on the CPU.
-SampleFunction = Callable[[RunInfo, Path, SamplingOptions], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """A sampling method and the saved pipeline classes (``model_index.json`` ``_class_name``) it applies to."""
-
-    name: str
-    sample: SampleFunction
-    pipeline_classes: tuple[str, ...]
-    description: str
-
-
-SAMPLERS: dict[str, Sampler] = {}
-DEFAULT_SAMPLERS: dict[str, str] = {}
-
-
-def register_sampler(sampler: Sampler, default_for: Iterable[str] = ()) -> Sampler:
-    """Add ``sampler`` to ``SAMPLERS``; make it the default for the pipeline classes in ``default_for``."""
-    SAMPLERS[sampler.name] = sampler
-    for pipeline_class in default_for:
-        DEFAULT_SAMPLERS[pipeline_class] = sampler.name
-    return sampler
-
-
-def resolve_sampler(run: RunInfo, name: str | None) -> Sampler:
-    """The sampler called ``name`` (or the default for the run's pipeline), checked against the run."""
-    if name is None:
-        if run.pipeline_class not in DEFAULT_SAMPLERS:
-            raise ValueError(
-                f"no default sampler for run {str(run.run_dir)!r} (pipeline class {run.pipeline_class!r}); "
-                f"pass --scheduler, one of {sorted(SAMPLERS)}"
-            )
-        name = DEFAULT_SAMPLERS[run.pipeline_class]
-    if name not in SAMPLERS:
-        raise ValueError(f"--scheduler must be one of {sorted(SAMPLERS)}, got {name!r}")
-    sampler = SAMPLERS[name]
-    if run.pipeline_class is not None and run.pipeline_class not in sampler.pipeline_classes:
-        raise ValueError(
-            f"--scheduler {name} samples {list(sampler.pipeline_classes)}, but run {str(run.run_dir)!r} holds a "
-            f"{run.pipeline_class}"
-        )
-    return sampler
-
-
-def _load_unet(model_dir: Path, device: str):
-    from diffusers import UNet2DModel
-
-    return UNet2DModel.from_pretrained(model_dir).to(device).eval()
-
-
 def _ddpm_family_scheduler_config(run: RunInfo) -> dict[str, Any]:
     """The run's noise-schedule config (``scheduler/``), rebuilt from its training flags when not saved yet."""
-    from diffusers import DDPMScheduler
-
     if (run.run_dir / "scheduler" / "scheduler_config.json").is_file():
         return dict(DDPMScheduler.load_config(run.run_dir / "scheduler"))
     keys = {
@@ -251,33 +152,11 @@ def _ddpm_family_scheduler_config(run: RunInfo) -> dict[str, Any]:
     return dict(DDPMScheduler(**{name: run.setting(key) for key, name in keys.items()}).config)
 
 
-def _run_image_pipeline(pipeline, options: SamplingOptions, **call_kwargs: Any) -> torch.Tensor:
-    pipeline.set_progress_bar_config(disable=not options.progress, leave=False, desc="denoising")
-    generator = torch.Generator("cpu").manual_seed(options.seed)
-    batches = []
-    remaining = options.num_images
-    with torch.no_grad():
-        while remaining > 0:
-            size = min(options.batch_size, remaining)
-            images = pipeline(
-                batch_size=size,
-                generator=generator,
-                num_inference_steps=options.num_inference_steps,
-                output_type="pt",
-                **call_kwargs,
-            ).images
-            batches.append(images.float().cpu() * 2.0 - 1.0)  # the pipelines return [0, 1]
-            remaining -= size
-    return torch.cat(batches)
-
-
 def sample_ddpm(run: RunInfo, model_dir: Path, options: SamplingOptions) -> torch.Tensor:
     """Ancestral DDPM sampling with ``DDPMPipeline`` (``num_inference_steps`` evenly spaced timesteps)."""
-    from diffusers import DDPMPipeline, DDPMScheduler
-
     scheduler = DDPMScheduler.from_config(_ddpm_family_scheduler_config(run))
-    pipeline = DDPMPipeline(unet=_load_unet(model_dir, options.device), scheduler=scheduler)
-    return _run_image_pipeline(pipeline, options)
+    pipeline = DDPMPipeline(unet=load_unet(model_dir, options.device), scheduler=scheduler)
+    return run_image_pipeline(pipeline, options)
 
 
 # DDIM's spacing for few-step sampling: "trailing" starts at t = T-1 and spends every step; "leading"
@@ -287,12 +166,10 @@ DDIM_TIMESTEP_SPACING = "trailing"
 
 def sample_ddim(run: RunInfo, model_dir: Path, options: SamplingOptions) -> torch.Tensor:
     """Deterministic DDIM sampling (eta = 0, ``DDIM_TIMESTEP_SPACING``): only the starting noise is random."""
-    from diffusers import DDIMPipeline, DDIMScheduler
-
     config = {key: value for key, value in _ddpm_family_scheduler_config(run).items() if key != "_use_default_values"}
     scheduler = DDIMScheduler.from_config(config, timestep_spacing=DDIM_TIMESTEP_SPACING)
-    pipeline = DDIMPipeline(unet=_load_unet(model_dir, options.device), scheduler=scheduler)
-    return _run_image_pipeline(pipeline, options, eta=0.0)
+    pipeline = DDIMPipeline(unet=load_unet(model_dir, options.device), scheduler=scheduler)
+    return run_image_pipeline(pipeline, options, eta=0.0)
 
 
 register_sampler(
@@ -304,17 +181,10 @@ register_sampler(
 )
 
 
-def sample_consistency_model(run: RunInfo, model_dir: Path, options: SamplingOptions) -> torch.Tensor:
-    """One-step (``num_inference_steps=1``) or few-step sampling of a consistency-training run."""
-    from .consistency import sample_consistency
-
-    return sample_consistency(run, model_dir, options)
-
-
 register_sampler(
     Sampler(
         "consistency",
-        sample_consistency_model,
+        sample_consistency,
         ("ConsistencyModelPipeline",),
         "ConsistencyModelPipeline; --num_inference_steps 1 = one-step sampling",
     ),
@@ -322,17 +192,10 @@ register_sampler(
 )
 
 
-def sample_flow_euler(run: RunInfo, model_dir: Path, options: SamplingOptions) -> torch.Tensor:
-    """Euler ODE sampling of a flow-matching run (FlowMatchingPipeline, FlowMatchEulerDiscreteScheduler)."""
-    from .flow_matching import sample_flow_matching  # late: flow_matching imports this module
-
-    return sample_flow_matching(run, model_dir, options)
-
-
 register_sampler(
     Sampler(
         "flow_euler",
-        sample_flow_euler,
+        sample_flow_matching,
         ("FlowMatchingPipeline",),
         "Euler ODE (FlowMatchEulerDiscreteScheduler), uniform sigmas 1..1/n then 0",
     ),
@@ -466,8 +329,6 @@ class InceptionFrechetMetric:
 
 def _load_reference_images(source, image_column: str, max_images: int | None, seed: int) -> torch.Tensor:
     """Reference images in ``[-1, 1]`` at their own size (RGB), from a folder of images or a dataset name."""
-    from .data import load_image_dataset
-
     if os.path.isdir(source) and not (Path(source) / "dataset_info.json").is_file():
         dataset = load_image_dataset(train_data_dir=str(source), image_column=image_column)
     else:
@@ -612,7 +473,7 @@ def evaluate_runs(
         raise ValueError("run_dirs must name at least one run folder")
     if labels is not None and len(labels) != len(run_dirs):
         raise ValueError(f"labels must have one entry per run ({len(run_dirs)}), got {len(labels)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     runs = [read_run(path, labels[i] if labels else None) for i, path in enumerate(run_dirs)]
     if len({run.label for run in runs}) != len(runs):
         raise ValueError(f"run labels must be unique, got {[run.label for run in runs]} (pass labels=...)")
@@ -693,10 +554,6 @@ def evaluate_runs(
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    from .training import image_grid
-
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     mode = "L" if pixels.shape[-1] == 1 else "RGB"
     tiles = [Image.fromarray(p[..., 0] if mode == "L" else p, mode=mode) for p in pixels]
@@ -808,17 +665,14 @@ def plot_quality_curves(
 ) -> Path:
     """Per metric: quality vs training step (a line per run and NFE) and, with several NFEs, quality vs NFE
     at each run's last checkpoint; anchors as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = results.metrics()
     if not metrics:
         raise ValueError("results hold no scores to plot")
     nfes = results.nfes()
     columns = 2 if len(nfes) > 1 else 1
-    figure, axes = plt.subplots(len(metrics), columns, figsize=(6.5 * columns, 4.5 * len(metrics)), squeeze=False)
+    # The object-oriented Figure needs no pyplot backend and leaves no global figure behind.
+    figure = Figure(figsize=(6.5 * columns, 4.5 * len(metrics)))
+    axes = figure.subplots(len(metrics), columns, squeeze=False)
     labels = list(dict.fromkeys(row["run"] for row in results.rows))
     colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1))]
@@ -870,7 +724,6 @@ def plot_quality_curves(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return path
 
 
@@ -898,8 +751,6 @@ def write_results(results: EvaluationResults, output_dir: str | os.PathLike) -> 
 def add_metrics_to_model_cards(results: EvaluationResults, run_dirs: Sequence[str | os.PathLike]) -> None:
     """Record each run's last evaluated scores in its model card: ``immiscible_diffusers: metrics:`` and
     ``model-index`` (what the Hub shows as evaluation results)."""
-    from .model_card import record_scores_in_card
-
     by_folder: dict[str, list[dict[str, Any]]] = {}
     for row in results.rows:
         by_folder.setdefault(row["run_dir"], []).append(row)
@@ -990,6 +841,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         help="Also evaluate the final pipeline's unet/ when no checkpoint has its step.",
     )
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="Evaluate only these training steps.")
+    add_debug_arg(parser)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
         "--num_threads",
@@ -1032,6 +884,9 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(input_args: Sequence[str] | None = None) -> EvaluationResults:
     args = parse_args(input_args)
+    # Checked before sampling (minutes), so that a mistyped folder fails at once with the files intact.
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ValueError(f"--output_dir {args.output_dir!r} is a file, not a folder")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     results = evaluate_runs(
@@ -1063,4 +918,4 @@ def main(input_args: Sequence[str] | None = None) -> EvaluationResults:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -25,9 +25,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from .model_index import name_as_shipped_code
 from .pipeline_flow_matching import FlowMatchingPipeline
-
-if TYPE_CHECKING:
-    from .evaluate import RunInfo, SamplingOptions
+from .runs import RunInfo, SamplingOptions, load_unet, run_image_pipeline
 
 __all__ = [
     "FlowMatchingPipeline",
@@ -184,10 +182,6 @@ def sample_flow_matching(run: RunInfo, model_dir: Path, options: SamplingOptions
     A sampler for ``immiscible_diffusers.evaluate``: returns ``(N, C, H, W)`` float32 in ``[-1, 1]`` on the
     CPU, from a CPU generator seeded with ``options.seed`` (the same starting noise for every checkpoint).
     """
-    from diffusers import UNet2DModel
-
-    from .evaluate import _run_image_pipeline  # late: evaluate registers this sampler at import
-
-    unet = UNet2DModel.from_pretrained(model_dir).to(options.device).eval()
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(flow_matching_scheduler_config(run, model_dir))
-    return _run_image_pipeline(FlowMatchingPipeline(unet=unet, scheduler=scheduler), options)
+    pipeline = FlowMatchingPipeline(unet=load_unet(model_dir, options.device), scheduler=scheduler)
+    return run_image_pipeline(pipeline, options)

@@ -24,13 +24,15 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+from .checkpoints import CHECKPOINT_PREFIX, PARTIAL_CHECKPOINT_PREFIX, TRAINING_CONFIG_NAME
 from .model_card import check_model_card
 from .model_index import code_module, pipeline_class_name
-from .training import CHECKPOINT_PREFIX, PARTIAL_CHECKPOINT_PREFIX, TRAINING_CONFIG_NAME
+from .schedulers import ImmiscibleNoiseScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +177,6 @@ def _select_files(output_dir: Path, include_checkpoints: bool) -> tuple[list[str
 
 def _check_pipeline(output_dir: Path) -> tuple[str, list[str]]:
     """Check that stock diffusers loads the saved pipeline; return its class name and notes for the user."""
-    import diffusers
-
     index = _read_json(output_dir / "model_index.json", "model_index.json")
     pipeline_class = pipeline_class_name(index)
     notes = []
@@ -502,8 +502,6 @@ def convert_to_stock_scheduler(output_dir: str | os.PathLike) -> str:
     library, class_name = spec
     if library in STOCK_LIBRARIES:
         return class_name
-    from .schedulers import ImmiscibleNoiseScheduler
-
     scheduler_class = getattr(importlib.import_module(library), class_name, None)
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, ImmiscibleNoiseScheduler)):
         raise ValueError(f"the scheduler {library}.{class_name} is no immiscible scheduler; save a stock one by hand")

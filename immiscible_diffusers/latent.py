@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 
 from .assignment import AssignmentStats, assign_noise
 from .schedulers import ImmiscibleNoiseScheduler
@@ -176,8 +177,6 @@ def snr_weighted_mse(
         raise ValueError(f"snr_gamma must be > 0, got {snr_gamma!r}")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    from diffusers.training_utils import compute_snr
-
     snr = compute_snr(noise_scheduler, timesteps)
     weights = snr.clamp(max=snr_gamma)
     weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)

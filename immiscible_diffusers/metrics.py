@@ -24,9 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch import nn
+from tqdm.auto import tqdm
 
 from .assignment import solve_linear_assignment
+from .data import image_transform, load_digits_dataset
 
 # --------------------------------------------------------------------------------------------------
 # Fréchet distance
@@ -205,9 +209,6 @@ class DigitsSplit:
 
 def digits_split(config: DigitsClassifierConfig = DigitsClassifierConfig()) -> DigitsSplit:
     """The seeded, class-stratified split of the digits used by the classifier and the Fréchet reference."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     labels = load_digits().target
     indices = np.arange(len(labels))
     train, heldout = train_test_split(
@@ -225,8 +226,6 @@ def real_digits(resolution: int = DIGITS_SIDE, num_channels: int = 1) -> tuple[t
     The images go through the package's training transform (``data.image_transform``), so the Fréchet
     reference at 16x16 or 32x32 is made of the very images a model at that resolution was trained on.
     """
-    from .data import image_transform, load_digits_dataset
-
     dataset = load_digits_dataset()
     transform = image_transform(resolution, center_crop=True, random_flip=False, num_channels=num_channels)
     images = torch.stack([transform(image) for image in dataset["image"]])
@@ -259,8 +258,6 @@ def train_digits_classifier(
     config: DigitsClassifierConfig = DigitsClassifierConfig(), progress: bool = True
 ) -> tuple[DigitsClassifier, float]:
     """Train the classifier on its half of the digits; return it (in eval mode) and its held-out accuracy."""
-    from tqdm.auto import tqdm
-
     split = digits_split(config)
     images, labels = real_digits()
     labels = torch.from_numpy(labels)

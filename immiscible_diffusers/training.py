@@ -25,6 +25,7 @@ from .checkpoints import (
     _CHECKPOINT_NAME,
     CHECKPOINT_PREFIX,
     PARTIAL_CHECKPOINT_PREFIX,
+    TRAINING_CONFIG_NAME,
     _json_ready,
     checkpoint_step,
     list_checkpoints,
@@ -56,9 +57,6 @@ __all__ = [
     "save_checkpoint", "save_sample_grid", "save_training_config", "tensor_fingerprint", "use_cpu_processes",
     "write_json_atomically",
 ]  # fmt: skip
-
-TRAINING_CONFIG_NAME = "training_config.json"
-
 
 def write_json_atomically(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as JSON through a temporary file and a rename."""

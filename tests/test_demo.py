@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
+from conftest import run_command
 from immiscible_diffusers.evaluate import EvaluationResults
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "demo.py"
@@ -84,3 +85,34 @@ def test_a_tiny_main_job_writes_its_summary_with_provenance(demo, tmp_path, monk
         # The Hub shows evaluation results from model-index only: the main job's scores are there.
         assert card.data.eval_results, name
         assert all(result.metric_type == "digits_fd" for result in card.data.eval_results)
+
+
+def _demo_command(*flags: str, **env: str):
+    return run_command([sys.executable, str(SCRIPT), *flags], timeout=240, check=False, **env)
+
+
+def test_a_file_as_output_dir_is_one_error_line_and_stays_intact(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me\n")
+    result = _demo_command("--output_dir", str(a_file))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: --output_dir {str(a_file)!r} is a file, not a folder"]
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_one_eval_sample_is_refused_before_any_training(tmp_path):
+    result = _demo_command("--output_dir", str(tmp_path / "demo"), "--num_eval_samples", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("error: --num_eval_samples must be 0 (no evaluation) or >= 2, got 1")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_training_run_refusing_its_options_is_one_error_line(tmp_path):
+    """A user error the training script finds (UNet widths vs the attention head size) comes back as one line."""
+    flags = ["--output_dir", str(tmp_path / "demo"), "--unet_block_out_channels", "3,5", "--max_train_steps", "2",
+             "--num_eval_samples", "0", "--sequential"]  # fmt: skip
+    result = _demo_command(*flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the vanilla training run refused its options: --unet_block_out_channels 3,5")
+    assert not (tmp_path / "demo" / "immiscible").exists()  # the second run never started

@@ -7,6 +7,7 @@ training scripts write them, with tiny UNets saved by ``save_pretrained``.
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import math
@@ -20,6 +21,7 @@ import scipy.linalg
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from conftest import run_command
 from immiscible_diffusers import evaluate
 from immiscible_diffusers.evaluate import (
     DigitsFrechetMetric,
@@ -472,3 +474,60 @@ def test_consistency_sampler_spends_every_step(tmp_path):
     samples = {n: sample(run, tmp_path / "unet", SamplingOptions(4, n, seed=2, progress=False)) for n in (1, 2, 3, 4)}
     for n in (2, 3, 4):
         assert (samples[n] - samples[n - 1]).abs().max() > 0.05, f"{n} steps give the samples of {n - 1}"
+
+
+# --------------------------------------------------------------------------------------------------
+# One error path and no import cycles
+# --------------------------------------------------------------------------------------------------
+
+
+def _evaluate_command(*flags: str, **env: str):
+    return run_command([sys.executable, "-m", "immiscible_diffusers.evaluate", *flags], timeout=180, check=False, **env)
+
+
+def _assert_one_error_line(result, starts_with: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(starts_with), result.stderr[-3000:]
+
+
+def test_evaluator_user_errors_are_one_line_with_exit_code_2(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me\n")
+    _assert_one_error_line(_evaluate_command(str(tmp_path / "missing"), "--output_dir", str(tmp_path / "eval")),
+                           "error: run folder")  # fmt: skip
+    _assert_one_error_line(_evaluate_command(str(run_dir), "--output_dir", str(a_file)), "error: --output_dir")
+    assert a_file.read_text() == "keep me\n"
+    # The traceback is there for bug reports, on request.
+    debug = _evaluate_command(str(run_dir), "--output_dir", str(a_file), IMMISCIBLE_DEBUG="1")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where cuda is not usable")
+def test_evaluator_refuses_an_unusable_device_in_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    result = _evaluate_command(str(tmp_path / "run"), "--output_dir", str(tmp_path / "eval"), "--device", "cuda")
+    _assert_one_error_line(result, "error: --device 'cuda' is not usable here")
+    with pytest.raises(ValueError, match="--device"):
+        evaluate.resolve_device("cuda")
+    assert evaluate.resolve_device(None) == "cpu" and evaluate.resolve_device("cpu") == "cpu"
+
+
+def test_no_package_module_imports_the_evaluator():
+    """The recipe samplers and the evaluator share ``runs``; nothing in the package imports ``evaluate`` back."""
+    package = Path(evaluate.__file__).parent
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [alias.name for alias in node.names]
+                assert not any(name.split(".")[-1] == "evaluate" for name in names), f"{path.name} imports evaluate"
+
+
+def test_hub_imports_no_unet():
+    code = "import sys, immiscible_diffusers.hub; print(sorted(m for m in sys.modules if 'unet_2d' in m))"
+    result = run_command([sys.executable, "-c", code], timeout=180)
+    assert result.stdout.strip() == "[]"

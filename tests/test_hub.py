@@ -540,3 +540,11 @@ def test_help_describes_the_push_command(capsys):
         cli.main(["push", "somewhere"])
     assert exit_info.value.code == 2
     assert "the following arguments are required: --repo-id" in capsys.readouterr().err
+
+
+def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    assert cli.main(["push", missing, "--dry-run"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"immiscible-diffusers push: error: output folder {missing!r} does not exist"]
+    with pytest.raises(ValueError, match="does not exist"):
+        cli.main(["--debug", "push", missing, "--dry-run"])

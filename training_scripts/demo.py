@@ -46,7 +46,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from immiscible_diffusers.arguments import add_debug_arg  # noqa: E402
 from immiscible_diffusers.data import DIGITS_NUM_IMAGES  # noqa: E402
+from immiscible_diffusers.errors import EXIT_USER_ERROR, run_entry_point  # noqa: E402
 from immiscible_diffusers.evaluate import add_metrics_to_model_cards, evaluate_runs, write_results  # noqa: E402
 from immiscible_diffusers.provenance import provenance, provenance_markdown  # noqa: E402
 from immiscible_diffusers.training import TRAIN_LOG_NAME, read_train_log, relative_reduction  # noqa: E402
@@ -108,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Also write the summary there as main_job.json and main_job.md (e.g. docs/results, the committed copy).",
     )
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "num_checkpoints", "threads_per_run", "resolution"):
         if getattr(args, name) < 1:
@@ -203,6 +206,11 @@ def train_runs(args: argparse.Namespace) -> dict[str, dict]:
         for bar in bars.values():
             bar.close()
         for name, (process, _) in processes.items():
+            if process.returncode == EXIT_USER_ERROR:
+                # The training script refused an option we passed on: the user's, so report its one line.
+                lines = Path(results[name]["log"]).read_text().strip().splitlines() or ["(no output)"]
+                reason = lines[-1].removeprefix("error: ")
+                raise ValueError(f"the {name} training run refused its options: {reason} (log: {results[name]['log']})")
             if process.returncode != 0:
                 tail = Path(results[name]["log"]).read_text()[-3000:]
                 raise RuntimeError(f"the {name} run failed (exit code {process.returncode}); end of its log:\n{tail}")
@@ -353,6 +361,10 @@ def final_losses(run_dir: Path, last: int = 100) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    for name in ("output_dir", "results_dir"):
+        folder = getattr(args, name)
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise ValueError(f"--{name} {str(folder)!r} is a file, not a folder")
     if args.overwrite:
         for name in RUNS:
             shutil.rmtree(args.output_dir / name, ignore_errors=True)
@@ -466,4 +478,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -757,8 +757,14 @@ def fill_model_box(page, accordion: str, side: str, text: str) -> None:
         page.get_by_text(accordion).click()
         expect(box).to_be_visible()
         expect(box).to_have_value(re.compile(".+"))
-    box.fill(text)
-    box.press("Tab")
+    # A reply to an earlier request can still rewrite the box just after we type (the app echoes the loaded
+    # models back): type again until the text stays.
+    for _ in range(5):
+        box.fill(text)
+        box.press("Tab")
+        page.wait_for_timeout(500)
+        if box.input_value() == text:
+            break
     expect(box).to_have_value(text)
 
 

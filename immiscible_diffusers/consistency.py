@@ -29,7 +29,6 @@ import torch
 from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
 
 # The flag types once lived here; they are re-exported for code that imports them from this module.
-from .arguments import positive_float, unit_interval_float  # noqa: F401
 from .runs import RunInfo, SamplingOptions, load_unet
 
 SIGMA_DATA = 0.5  # the data standard deviation the stock scheduler assumes (images in [-1, 1])

@@ -124,6 +124,11 @@ def test_text_to_image_and_lora(tmp_path, name, noise_offset, prediction_type):
 
     original, noise, input_noise, target, timesteps = _text_to_image_step(noise_scheduler, latents, noise_offset, 0.0)
 
+    _assert_text_to_image_pairing(noise_scheduler, latents, prediction_type, noise_offset, original, noise, input_noise, target, timesteps)
+
+
+def _assert_text_to_image_pairing(noise_scheduler, latents, prediction_type, noise_offset, original, noise, input_noise, target, timesteps):
+    """The model input and the (epsilon or v) target come from the same assigned noise."""
     torch.testing.assert_close(input_noise, noise, rtol=1e-4, atol=1e-4)
     if prediction_type == "epsilon":
         assert target is noise
@@ -146,13 +151,7 @@ def test_text_to_image_input_perturbation(tmp_path, noise_offset, prediction_typ
     )
 
     # the model input holds target noise + perturbation: the same assigned noise under both
-    torch.testing.assert_close(input_noise, noise, rtol=1e-4, atol=1e-4)
-    if prediction_type == "epsilon":
-        assert target is noise
-    else:
-        torch.testing.assert_close(target, DDPMScheduler.from_config(noise_scheduler.config).get_velocity(latents, noise, timesteps))
-    if not noise_offset:
-        _assert_same_assigned_noise(input_noise, noise, latents, original)
+    _assert_text_to_image_pairing(noise_scheduler, latents, prediction_type, noise_offset, original, noise, input_noise, target, timesteps)
 
 
 def test_text_to_image_input_perturbation_without_the_recipe_is_loud(tmp_path):
